@@ -1,0 +1,5 @@
+import sys
+
+from tritonpilot.cli import main
+
+sys.exit(main())

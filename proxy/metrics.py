@@ -1,0 +1,127 @@
+"""Prometheus export of the proxy's live statistics and the GPU sampler.
+
+A custom collector builds every series at scrape time from snapshots, so the relay's hot
+path never touches a Prometheus object. Scrapes must run on the event-loop thread that
+owns `ProxyStats` (the aiohttp handler in proxy/http.py does): taking a snapshot
+advances its in-flight integral.
+
+Other components (the controller) register their own collectors in the same
+`CollectorRegistry`; `new_registry` builds one from any number of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from proxy.gpu import GpuSampler, GpuSnapshot
+from proxy.stats import LATENCY_BUCKETS_S, UNKNOWN_MODEL, ProxySnapshot, ProxyStats
+
+# Prometheus label values may be empty, but an empty model label reads as "no label";
+# requests whose model could not be read are exported under this name instead.
+UNKNOWN_MODEL_LABEL = "_unknown"
+
+# Upper bounds as Prometheus writes them ("0.0005", ..., "+Inf"), computed once.
+_LE_LABELS: tuple[str, ...] = tuple(floatToGoString(b) for b in LATENCY_BUCKETS_S) + ("+Inf",)
+
+
+def model_label(model: str) -> str:
+    return UNKNOWN_MODEL_LABEL if model == UNKNOWN_MODEL else model
+
+
+def new_registry(collectors: Iterable[Collector]) -> CollectorRegistry:
+    """A registry of its own (not prometheus_client's global one, which would also
+    export process metrics from whichever thread scrapes) holding these collectors."""
+    registry = CollectorRegistry()
+    for collector in collectors:
+        registry.register(collector)
+    return registry
+
+
+class ProxyCollector(Collector):
+    """tritonpilot_* series for in-flight requests, request counts, latency and GPUs."""
+
+    def __init__(self, stats: ProxyStats, gpu_sampler: GpuSampler,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._stats = stats
+        self._gpu_sampler = gpu_sampler
+        self._clock = clock
+
+    def describe(self) -> Iterator[Metric]:
+        # Names without samples: lets the registry reject a clash with another
+        # collector at register time without taking a snapshot.
+        return iter(_proxy_families() + _gpu_families())
+
+    def collect(self) -> Iterator[Metric]:
+        # Never reset peaks here: the controller owns "peak since my previous look".
+        proxy = self._stats.snapshot(self._clock(), reset_peaks=False)
+        yield from proxy_families(proxy)
+        yield from gpu_families(self._gpu_sampler.latest())
+
+
+def _proxy_families() -> list[Metric]:
+    return [
+        GaugeMetricFamily("tritonpilot_inflight_requests",
+                          "Requests in flight through the proxy now, per model.",
+                          labels=["model"]),
+        CounterMetricFamily("tritonpilot_requests_started",
+                            "Requests the proxy has started forwarding, per model.",
+                            labels=["model"]),
+        CounterMetricFamily("tritonpilot_requests",
+                            "Requests finished, per model and gRPC status code.",
+                            labels=["model", "code"]),
+        HistogramMetricFamily("tritonpilot_request_duration_seconds",
+                              "Request latency seen by the proxy, per model.",
+                              labels=["model"]),
+    ]
+
+
+def _gpu_families() -> list[Metric]:
+    return [
+        GaugeMetricFamily("tritonpilot_gpu_utilization_ratio",
+                          "GPU utilization, 0..1, per GPU.", labels=["gpu"]),
+        GaugeMetricFamily("tritonpilot_gpu_memory_used_bytes",
+                          "GPU memory used, per GPU.", labels=["gpu"]),
+        GaugeMetricFamily("tritonpilot_gpu_memory_total_bytes",
+                          "GPU memory in total, per GPU.", labels=["gpu"]),
+    ]
+
+
+def proxy_families(snapshot: ProxySnapshot) -> list[Metric]:
+    inflight, started, finished, duration = _proxy_families()
+    for name in sorted(snapshot.models):
+        model = snapshot.models[name]
+        label = model_label(name)
+        inflight.add_metric([label], model.inflight)
+        started.add_metric([label], model.started_total)
+        for code in sorted(model.finished_total):
+            finished.add_metric([label, code], model.finished_total[code])
+        duration.add_metric(
+            [label],
+            buckets=list(zip(_LE_LABELS, model.latency_bucket_counts, strict=True)),
+            sum_value=model.latency_sum_s,
+        )
+    return [inflight, started, finished, duration]
+
+
+def gpu_families(snapshot: GpuSnapshot) -> list[Metric]:
+    """GPU gauges; none at all when the sampler has no data, so a dashboard shows a gap
+    instead of a made-up zero."""
+    if snapshot.gpus is None:
+        return []
+    utilization, used, total = _gpu_families()
+    for gpu in snapshot.gpus:
+        label = [str(gpu.index)]
+        utilization.add_metric(label, gpu.utilization_ratio)
+        used.add_metric(label, gpu.memory_used_bytes)
+        total.add_metric(label, gpu.memory_total_bytes)
+    return [utilization, used, total]

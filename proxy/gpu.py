@@ -121,7 +121,12 @@ class NvmlGpuSampler:
         self._lock = threading.Lock()
         self._closed = False
         self._nvml.nvmlInit()
-        self.device_count: int = int(self._nvml.nvmlDeviceGetCount())
+        try:
+            self.device_count: int = int(self._nvml.nvmlDeviceGetCount())
+        except BaseException:
+            # Half-initialized is worse than failed: leave no NVML session behind.
+            self._nvml.nvmlShutdown()
+            raise
         self._handles: dict[int, Any] = {}
         self._names: dict[int, str] = {}
         self._errors = _OncePerKind("gpu_sample_failed", source="nvml")

@@ -1,0 +1,732 @@
+"""An HTTP/2-aware byte relay for Triton's gRPC port.
+
+Why not a gRPC server that calls Triton? Measured here, a grpc.aio
+pass-through spends ~3x Triton's own CPU per request (../docs/benchmarks.md).
+Instead each client connection gets its own upstream connection and every
+HTTP/2 frame is forwarded verbatim, so HPACK state, flow control, deadlines
+(grpc-timeout), cancels (RST_STREAM), metadata, trailers and compression pass
+through untouched. The relay only reads:
+
+- request and response header blocks, with an HPACK decoder per direction kept
+  in step with the connection (it must see every block), for the method path
+  and the grpc-status;
+- the first bytes of inference request messages (the model name) and of
+  ModelStreamInfer responses (`triton_final_response`);
+- stream ends, to count requests in flight.
+
+Answers the proxy gives itself (refused model control, grpc.health.v1) are
+written as literal, non-indexed header fields, so the client's HPACK table is
+untouched; the client's header block still goes upstream, followed by a
+RST_STREAM, so Triton's table stays in step too.
+
+When Triton can't be reached, the connection is served by `local.py` (every
+call fails fast with UNAVAILABLE); when Triton goes away mid-connection, the
+client connection is dropped, as Triton's own would be, and the next one
+reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import hpack
+import structlog
+
+from proxy import wire
+from proxy.stats import UNKNOWN_MODEL, ModelStats, ProxyStats
+
+log = structlog.get_logger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Frame types and flags (RFC 9113 section 6).
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+SETTINGS_HEADER_TABLE_SIZE = 0x1
+H2_NO_ERROR, H2_CANCEL, H2_REFUSED_STREAM = 0x0, 0x8, 0x7
+
+SERVICE = b"/inference.GRPCInferenceService/"
+MODEL_INFER = SERVICE + b"ModelInfer"
+MODEL_STREAM_INFER = SERVICE + b"ModelStreamInfer"
+MODEL_CONTROL = {SERVICE + b"RepositoryModelLoad", SERVICE + b"RepositoryModelUnload"}
+HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
+HEALTH_WATCH = b"/grpc.health.v1.Health/Watch"
+
+GRPC_OK, GRPC_CANCELLED, GRPC_UNKNOWN, GRPC_DEADLINE_EXCEEDED = 0, 1, 2, 4
+GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_UNAVAILABLE = 7, 8, 12, 14
+
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    upstream_host: str
+    upstream_port: int
+    allow_client_model_control: bool = False
+    # None = no limit (the default): the relay never holds a whole message.
+    max_message_bytes: int | None = None
+    connect_timeout_s: float = 1.0
+    tcp_keepalive_s: float | None = 60.0
+
+
+def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + stream_id.to_bytes(4, "big") + payload
+
+
+def _hpack_int(value: int, prefix_bits: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((value,))
+    out = bytearray((limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def literal_header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Header fields as 'literal without indexing, new name': touches no HPACK table."""
+    out = bytearray()
+    for name, value in headers:
+        out += b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
+    return bytes(out)
+
+
+def grpc_status_headers(code: int, message: str) -> list[tuple[bytes, bytes]]:
+    return [(b"grpc-status", str(code).encode()),
+            (b"grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode())]
+
+
+def trailers_only_response(stream_id: int, code: int, message: str) -> bytes:
+    block = literal_header_block([(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                  *grpc_status_headers(code, message)])
+    return frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
+
+
+def grpc_timeout_s(value: bytes) -> float | None:
+    try:
+        return int(value[:-1]) * _TIMEOUT_UNITS[value[-1:]]
+    except (KeyError, ValueError):
+        return None
+
+
+# The first decoded header list of a block comes as (name, value) bytes tuples.
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+@dataclass
+class _Stream:
+    """One HTTP/2 stream (one RPC) the relay is following."""
+    stream_id: int
+    path: bytes
+    started_s: float
+    deadline_s: float | None
+    encoding: bytes | None
+    request_scanner: wire.MessageScanner | None = None
+    response_scanner: wire.MessageScanner | None = None
+    # Unary ModelInfer: the model's stats once the request message named it.
+    unary: ModelStats | None = None
+    # ModelStreamInfer: per model, start times of requests not yet finally answered.
+    pending: dict[str, deque[float]] = field(default_factory=dict)
+    response_status: int | None = None
+
+
+class _Direction:
+    """Frame-boundary bookkeeping for one direction of a connection pair."""
+
+    __slots__ = ("name", "buf", "data_left", "data_scanner", "in_header_block", "block", "feeding",
+                 "block_stream", "block_end_stream", "pending", "transport", "decoder", "preface_left")
+
+    def __init__(self, name: str, preface_left: int) -> None:
+        self.name = name
+        self.buf = b""
+        self.data_left = 0          # payload bytes still to pass of an unpadded DATA frame
+        self.data_scanner: wire.MessageScanner | None = None
+        self.in_header_block = False
+        self.block = b""
+        self.block_stream = 0
+        self.block_end_stream = False
+        self.pending: list[bytes] = []  # frames to inject at the next frame boundary
+        self.transport: asyncio.Transport | None = None
+        self.decoder = hpack.Decoder()
+        # Don't be stricter than the endpoints: they enforce their own limits.
+        self.decoder.max_header_list_size = 1 << 30
+        self.preface_left = preface_left
+        self.feeding = False  # inside _relay_frames: frames already read are not written yet
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.data_left == 0 and not self.in_header_block
+
+
+class ProtocolViolation(Exception):
+    """Bytes that are not HTTP/2 as the relay must understand it; the pair is closed."""
+
+
+class Pair:
+    """A client connection and its own upstream connection."""
+
+    def __init__(self, relay: Relay, client: asyncio.Transport) -> None:
+        self.relay = relay
+        self.stats = relay.stats
+        self.opts = relay.options
+        self.c2u = _Direction("client->triton", len(PREFACE))
+        self.u2c = _Direction("triton->client", 0)
+        self.u2c.transport = client
+        self.client = client
+        self.streams: dict[int, _Stream] = {}
+        # Streams the proxy answered itself: upstream frames for them are dropped.
+        self.local_streams: OrderedDict[int, None] = OrderedDict()
+        self.max_client_stream = 0
+        self.goaway_sent = False
+        self.injected_data_credit = 0  # bytes of our own DATA the client will acknowledge
+        self.early: list[bytes] = []   # client bytes that arrived before upstream connected
+        self.upstream_ready = False
+        self.closed = False
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    # ---- wiring -------------------------------------------------------------------------
+
+    def upstream_connected(self, transport: asyncio.Transport) -> None:
+        self.c2u.transport = transport
+        self.upstream_ready = True
+        early, self.early = self.early, []
+        for chunk in early:
+            self.from_client(chunk)
+
+    def from_client(self, data: bytes) -> None:
+        if not self.upstream_ready:
+            self.early.append(data)
+            return
+        self._feed(self.c2u, data, self._client_frame)
+
+    def from_upstream(self, data: bytes) -> None:
+        self._feed(self.u2c, data, self._upstream_frame)
+
+    def _feed(self, d: _Direction, data: bytes, on_frame: Callable[[int, int, int, bytes], bool]) -> None:
+        if self.closed:
+            return
+        d.feeding = True
+        try:
+            self._relay_frames(d, data, on_frame)
+        except Exception as exc:  # garbage from a peer must never take the proxy down
+            log.warning("relay.connection_error", direction=d.name, error=repr(exc))
+            self.close()
+        finally:
+            d.feeding = False
+
+    # ---- the frame loop -----------------------------------------------------------------
+
+    def _relay_frames(self, d: _Direction, data: bytes, on_frame: Callable[[int, int, int, bytes], bool]) -> None:
+        """Forward `data` frame by frame. Unpadded DATA payloads pass as they arrive; any
+        other frame is handed to `on_frame` once whole, which says whether to forward it."""
+        if d.buf:
+            data = d.buf + data
+            d.buf = b""
+        view = memoryview(data)
+        out: list[memoryview | bytes] = []
+        start = pos = 0
+        n = len(data)
+        if d.preface_left:
+            take = min(d.preface_left, n)
+            expected = PREFACE[len(PREFACE) - d.preface_left:][:take]
+            if data[:take] != expected:
+                raise ProtocolViolation("not an HTTP/2 connection preface")
+            d.preface_left -= take
+            pos = take
+        while pos < n:
+            if d.data_left:
+                take = min(d.data_left, n - pos)
+                if d.data_scanner is not None:
+                    d.data_scanner.feed(view[pos:pos + take])
+                pos += take
+                d.data_left -= take
+                if d.data_left == 0 and d.pending:
+                    out.append(view[start:pos])
+                    out.extend(d.pending)
+                    d.pending.clear()
+                    start = pos
+                continue
+            if n - pos < 9:
+                break
+            length = int.from_bytes(data[pos:pos + 3], "big")
+            ftype, flags = data[pos + 3], data[pos + 4]
+            stream_id = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            if ftype == DATA and not flags & PADDED and stream_id not in self.local_streams:
+                # Stream it: forward what has arrived, scan it if this stream is scanned.
+                self._data_frame(d, stream_id, flags)
+                d.data_left = length
+                pos += 9
+                if length == 0 and d.pending:
+                    out.append(view[start:pos])
+                    out.extend(d.pending)
+                    d.pending.clear()
+                    start = pos
+                continue
+            if n - pos < 9 + length:
+                break
+            payload = data[pos + 9:pos + 9 + length]
+            keep = on_frame(ftype, flags, stream_id, payload)
+            end = pos + 9 + length
+            if keep is not True:
+                out.append(view[start:pos])
+                if keep:  # a replacement frame
+                    out.append(keep)
+                start = end
+            pos = end
+            if d.pending and d.at_boundary:
+                out.append(view[start:pos])
+                out.extend(d.pending)
+                d.pending.clear()
+                start = pos
+        out.append(view[start:pos])
+        if d.pending and d.at_boundary:
+            out.extend(d.pending)
+            d.pending.clear()
+        d.buf = data[pos:]
+        if d.transport is not None and not self.closed:
+            d.transport.writelines(out)
+
+    def inject(self, d: _Direction, payload: bytes) -> None:
+        """Write frames of our own into direction d, between its frames."""
+        if d.at_boundary and not d.feeding and d.transport is not None:
+            d.transport.write(payload)
+        else:
+            d.pending.append(payload)
+
+    # ---- client -> Triton ---------------------------------------------------------------
+
+    def _client_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes) -> bool | bytes:
+        if ftype in (HEADERS, CONTINUATION):
+            return self._header_fragment(self.c2u, ftype, flags, stream_id, payload, self._request_headers)
+        if ftype == DATA:  # padded, or for a stream we answered: forwarded whole
+            if stream_id in self.local_streams:
+                return True  # Triton reset the stream but must count the bytes for flow control
+            self._data_frame(self.c2u, stream_id, flags)
+            body = _unpad(payload, flags)
+            if self.c2u.data_scanner is not None:
+                self.c2u.data_scanner.feed(body)
+            return True
+        if ftype == RST_STREAM:
+            stream = self.streams.pop(stream_id, None)
+            if stream is not None:
+                self._finish(stream, self._cancel_code(stream), time.monotonic())
+            return True
+        if ftype == SETTINGS and not flags & ACK:
+            # The client's table size bounds what Triton's encoder may use on responses.
+            size = _settings_value(payload, SETTINGS_HEADER_TABLE_SIZE)
+            if size is not None:
+                self.u2c.decoder.max_allowed_table_size = size
+            return True
+        if ftype == WINDOW_UPDATE and stream_id == 0 and self.injected_data_credit:
+            return self._reclaim_credit(payload)
+        return True
+
+    def _reclaim_credit(self, payload: bytes) -> bool | bytes:
+        """The client acknowledges DATA we wrote ourselves: Triton never sent those bytes, so
+        that part of the window update must not reach it."""
+        increment = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+        owed = min(self.injected_data_credit, increment)
+        self.injected_data_credit -= owed
+        if owed == increment:
+            return False
+        return frame(WINDOW_UPDATE, 0, 0, (increment - owed).to_bytes(4, "big"))
+
+    def _request_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        if stream_id in self.streams or stream_id <= self.max_client_stream:
+            return  # request trailers, or a stream we already handle: nothing to read
+        self.max_client_stream = stream_id
+        path = _header(headers, b":path") or b""
+        now = time.monotonic()
+        if self.goaway_sent:
+            return self._answer_locally(stream_id, refuse=True)
+        if path in MODEL_CONTROL and not self.opts.allow_client_model_control:
+            return self._answer_locally(stream_id, GRPC_PERMISSION_DENIED,
+                                        "tritonpilot: model control is reserved for the tritonpilot "
+                                        "controller, which owns the model lifecycle; start the sidecar "
+                                        "with --allow-client-model-control to let clients load and unload models")
+        if path == HEALTH_CHECK:
+            return self._answer_health(stream_id)
+        if path == HEALTH_WATCH:
+            return self._answer_locally(stream_id, GRPC_UNIMPLEMENTED,
+                                        "tritonpilot: use grpc.health.v1.Health/Check")
+        timeout = _header(headers, b"grpc-timeout")
+        timeout_s = grpc_timeout_s(timeout) if timeout else None
+        stream = _Stream(stream_id, path, now, now + timeout_s if timeout_s is not None else None,
+                         _header(headers, b"grpc-encoding"))
+        if path == MODEL_INFER:
+            stream.request_scanner = wire.MessageScanner(lambda h, c, n: self._unary_request(stream, h, c, n))
+        elif path == MODEL_STREAM_INFER:
+            stream.request_scanner = wire.MessageScanner(lambda h, c, n: self._stream_request(stream, h, c, n))
+            stream.response_scanner = wire.MessageScanner(lambda h, c, n: self._stream_response(stream, h, c))
+        elif self.opts.max_message_bytes is not None:
+            stream.request_scanner = wire.MessageScanner(lambda h, c, n: self._check_size(stream, n))
+        self.streams[stream_id] = stream
+        self.drained.clear()
+
+    def _model_of(self, stream: _Stream, head: bytes, compressed: bool) -> str:
+        if compressed:
+            head = wire.decompress_head(head, stream.encoding) or b""
+        return wire.request_model_name(head) or UNKNOWN_MODEL
+
+    def _check_size(self, stream: _Stream, length: int) -> bool:
+        limit = self.opts.max_message_bytes
+        if limit is None or length <= limit:
+            return True
+        self.inject(self.c2u, frame(RST_STREAM, 0, stream.stream_id, H2_CANCEL.to_bytes(4, "big")))
+        self.streams.pop(stream.stream_id, None)
+        self._finish(stream, GRPC_RESOURCE_EXHAUSTED, time.monotonic())
+        self._mark_local(stream.stream_id)
+        self.inject(self.u2c, trailers_only_response(
+            stream.stream_id, GRPC_RESOURCE_EXHAUSTED,
+            f"tritonpilot: received message larger than max ({length} vs. {limit})"))
+        self.inject(self.u2c, frame(RST_STREAM, 0, stream.stream_id, H2_NO_ERROR.to_bytes(4, "big")))
+        return False
+
+    def _unary_request(self, stream: _Stream, head: bytes, compressed: bool, length: int) -> None:
+        if stream.unary is not None or not self._check_size(stream, length):
+            return
+        stream.unary = self.stats.model(self._model_of(stream, head, compressed), stream.started_s)
+        stream.unary.begin(time.monotonic())
+        stream.request_scanner = None  # one message per unary call: stop looking
+
+    def _stream_request(self, stream: _Stream, head: bytes, compressed: bool, length: int) -> None:
+        if not self._check_size(stream, length):
+            return
+        now = time.monotonic()
+        model = self._model_of(stream, head, compressed)
+        self.stats.model(model, now).begin(now)
+        stream.pending.setdefault(model, deque()).append(now)
+
+    # ---- Triton -> client ---------------------------------------------------------------
+
+    def _upstream_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes) -> bool | bytes:
+        if ftype in (HEADERS, CONTINUATION):
+            keep = self._header_fragment(self.u2c, ftype, flags, stream_id, payload, self._response_headers)
+            return keep and stream_id not in self.local_streams
+        if stream_id in self.local_streams:
+            return False  # Triton's side of a stream we answered ourselves
+        if ftype == DATA:
+            self._data_frame(self.u2c, stream_id, flags)
+            if self.u2c.data_scanner is not None:
+                self.u2c.data_scanner.feed(_unpad(payload, flags))
+            return True
+        if ftype == RST_STREAM:
+            stream = self.streams.pop(stream_id, None)
+            if stream is not None:
+                self._finish(stream, GRPC_CANCELLED, time.monotonic())
+            return True
+        if ftype == SETTINGS and not flags & ACK:
+            size = _settings_value(payload, SETTINGS_HEADER_TABLE_SIZE)
+            if size is not None:
+                self.c2u.decoder.max_allowed_table_size = size
+            return True
+        return True
+
+    def _response_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        status = _header(headers, b"grpc-status")
+        if status is not None:
+            try:
+                stream.response_status = int(status)
+            except ValueError:
+                stream.response_status = GRPC_UNKNOWN
+        if end_stream:
+            del self.streams[stream_id]
+            code = stream.response_status if stream.response_status is not None else GRPC_UNKNOWN
+            self._finish(stream, code, time.monotonic())
+
+    def _stream_response(self, stream: _Stream, head: bytes, compressed: bool) -> None:
+        if compressed:
+            head = wire.decompress_head(head, stream.encoding) or b""
+        model, final, error = wire.stream_response_info(head)
+        if final is False:
+            return  # more responses of a decoupled request are coming
+        # A response without the flag (an older Triton) completes a request, as does final.
+        if model is None or model not in stream.pending:
+            model = next(iter(stream.pending), None)  # error responses may lack the name
+            if model is None:
+                return
+        starts = stream.pending[model]
+        started = starts.popleft()
+        if not starts:
+            del stream.pending[model]
+        now = time.monotonic()
+        self.stats.model(model, now).end(now, GRPC_UNKNOWN if error else GRPC_OK, now - started)
+
+    # ---- shared helpers ----------------------------------------------------------------
+
+    def _data_frame(self, d: _Direction, stream_id: int, flags: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            d.data_scanner = None
+        else:
+            d.data_scanner = stream.request_scanner if d is self.c2u else stream.response_scanner
+
+    def _header_fragment(self, d: _Direction, ftype: int, flags: int, stream_id: int, payload: bytes,
+                         on_block: Callable[[int, list, bool], None]) -> bool:
+        if ftype == HEADERS:
+            if d.in_header_block:
+                raise ProtocolViolation("HEADERS inside a header block")
+            d.block_stream = stream_id
+            d.block_end_stream = bool(flags & END_STREAM)
+            d.block = _headers_fragment(payload, flags)
+        else:
+            if not d.in_header_block or stream_id != d.block_stream:
+                raise ProtocolViolation("CONTINUATION outside a header block")
+            d.block += payload
+        d.in_header_block = not flags & END_HEADERS
+        if d.in_header_block:
+            return True
+        headers = d.decoder.decode(d.block, raw=True)
+        d.block = b""
+        on_block(stream_id, headers, d.block_end_stream)
+        return True
+
+    def _cancel_code(self, stream: _Stream) -> int:
+        if stream.deadline_s is not None and time.monotonic() >= stream.deadline_s:
+            return GRPC_DEADLINE_EXCEEDED
+        return GRPC_CANCELLED
+
+    def _finish(self, stream: _Stream, code: int, now: float) -> None:
+        """The RPC is over: end whatever it still counts as in flight."""
+        if stream.unary is not None:
+            stream.unary.end(now, code, now - stream.started_s)
+            stream.unary = None
+        for model, starts in stream.pending.items():
+            stats = self.stats.model(model, now)
+            for _ in starts:
+                stats.end(now, code, None)
+        stream.pending.clear()
+        if not self.streams:
+            self.drained.set()
+
+    def _mark_local(self, stream_id: int) -> None:
+        self.local_streams[stream_id] = None
+        while len(self.local_streams) > 1024:
+            self.local_streams.popitem(last=False)
+
+    def _answer_locally(self, stream_id: int, code: int = GRPC_UNAVAILABLE, message: str = "",
+                        refuse: bool = False) -> None:
+        """Answer a stream ourselves. Its header block has gone to Triton already (HPACK);
+        a RST_STREAM there makes Triton drop the call before any message reaches it."""
+        self._mark_local(stream_id)
+        self.inject(self.c2u, frame(RST_STREAM, 0, stream_id, H2_CANCEL.to_bytes(4, "big")))
+        if refuse:  # after GOAWAY: the client may retry it elsewhere
+            self.inject(self.u2c, frame(RST_STREAM, 0, stream_id, H2_REFUSED_STREAM.to_bytes(4, "big")))
+            return
+        self.inject(self.u2c, trailers_only_response(stream_id, code, message))
+        self.inject(self.u2c, frame(RST_STREAM, 0, stream_id, H2_NO_ERROR.to_bytes(4, "big")))
+
+    def _answer_health(self, stream_id: int) -> None:
+        self._mark_local(stream_id)
+        self.inject(self.c2u, frame(RST_STREAM, 0, stream_id, H2_CANCEL.to_bytes(4, "big")))
+        message = b"\x00\x00\x00\x00\x02\x08\x01"  # HealthCheckResponse{status: SERVING}
+        self.injected_data_credit += len(message)
+        self.inject(self.u2c, b"".join((
+            frame(HEADERS, END_HEADERS, stream_id,
+                  literal_header_block([(b":status", b"200"), (b"content-type", b"application/grpc")])),
+            frame(DATA, 0, stream_id, message),
+            frame(HEADERS, END_HEADERS | END_STREAM, stream_id, literal_header_block(grpc_status_headers(0, ""))),
+            frame(RST_STREAM, 0, stream_id, H2_NO_ERROR.to_bytes(4, "big")),
+        )))
+
+    # ---- life cycle --------------------------------------------------------------------
+
+    def goaway(self) -> None:
+        """Graceful shutdown: the client opens no new streams here; open ones finish."""
+        if self.goaway_sent or self.closed:
+            return
+        self.goaway_sent = True
+        payload = self.max_client_stream.to_bytes(4, "big") + H2_NO_ERROR.to_bytes(4, "big")
+        self.inject(self.u2c, frame(GOAWAY, 0, 0, payload))
+
+    def close(self, code: int = GRPC_UNAVAILABLE) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        now = time.monotonic()
+        streams, self.streams = list(self.streams.values()), {}
+        for stream in streams:
+            self._finish(stream, code, now)
+        self.drained.set()
+        for d in (self.c2u, self.u2c):
+            if d.transport is not None:
+                d.transport.close()
+        self.relay.pairs.discard(self)
+
+
+def _unpad(payload: bytes, flags: int) -> bytes:
+    if flags & PADDED and payload:
+        return payload[1:len(payload) - payload[0]]
+    return payload
+
+
+def _headers_fragment(payload: bytes, flags: int) -> bytes:
+    start, end = 0, len(payload)
+    if flags & PADDED:
+        start, end = 1, end - payload[0]
+    if flags & PRIORITY_FLAG:
+        start += 5
+    if start > end:
+        raise ProtocolViolation("HEADERS padding longer than the frame")
+    return payload[start:end]
+
+
+def _settings_value(payload: bytes, key: int) -> int | None:
+    value = None
+    for i in range(0, len(payload) - 5, 6):
+        if int.from_bytes(payload[i:i + 2], "big") == key:
+            value = int.from_bytes(payload[i + 2:i + 6], "big")
+    return value
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.pair: Pair | None = None
+        self.local = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # uvloop's transports don't subclass asyncio.Transport
+        _set_keepalive(transport, self.relay.options.tcp_keepalive_s)
+        self.pair = Pair(self.relay, transport)
+        self.relay.pairs.add(self.pair)
+        self.relay.connect_upstream(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.local is not None:
+            self.local.data_received(data)
+        elif self.pair is not None:
+            self.pair.from_client(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.local is not None:
+            self.local.connection_lost()
+        if self.pair is not None:
+            self.pair.close(code=1)  # the client went away: its calls are cancelled
+
+    def pause_writing(self) -> None:
+        if self.pair and self.pair.c2u.transport:
+            self.pair.c2u.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pair and self.pair.c2u.transport:
+            self.pair.c2u.transport.resume_reading()
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, pair: Pair) -> None:
+        self.pair = pair
+
+    def data_received(self, data: bytes) -> None:
+        self.pair.from_upstream(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.pair.closed:
+            log.info("relay.upstream_lost", error=repr(exc) if exc else None,
+                     open_streams=len(self.pair.streams))
+        self.pair.close(code=GRPC_UNAVAILABLE)
+
+    def pause_writing(self) -> None:
+        self.pair.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.pair.client.resume_reading()
+
+
+def _set_keepalive(transport: asyncio.BaseTransport, keepalive_s: float | None) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or keepalive_s is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_s)))
+    except OSError:
+        pass
+
+
+class Relay:
+    """The listening side: accepts client connections and pairs each with Triton."""
+
+    def __init__(self, options: RelayOptions, stats: ProxyStats) -> None:
+        self.options = options
+        self.stats = stats
+        self.pairs: set[Pair] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.upstream_failures = 0
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _ClientProtocol(self), host, port, reuse_address=True)
+        return self._server.sockets[0].getsockname()[1]
+
+    def connect_upstream(self, client: _ClientProtocol) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, client: _ClientProtocol) -> None:
+        from proxy.local import LocalResponder  # only needed when Triton is down
+
+        pair = client.pair
+        assert pair is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _UpstreamProtocol(pair), self.options.upstream_host,
+                                       self.options.upstream_port),
+                self.options.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            if pair.closed:
+                return
+            self.upstream_failures += 1
+            reason = f"tritonpilot: Triton at {self.options.upstream_host}:{self.options.upstream_port} " \
+                     f"is unreachable ({exc.__class__.__name__}: {exc})"
+            log.warning("relay.upstream_unreachable", reason=reason)
+            self.pairs.discard(pair)
+            client.pair = None
+            client.local = LocalResponder(pair.client, reason, on_close=self.pairs.discard)
+            for chunk in pair.early:
+                client.local.data_received(chunk)
+            return
+        if pair.closed:  # the client left while we were connecting
+            transport.close()
+            return
+        _set_keepalive(transport, self.options.tcp_keepalive_s)
+        pair.upstream_connected(transport)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, tell clients to go away, let open calls finish within grace_s."""
+        if self._server is not None:
+            self._server.close()
+        for pair in list(self.pairs):
+            pair.goaway()
+        pending = [p.drained.wait() for p in list(self.pairs)]
+        if pending:
+            try:
+                await asyncio.wait_for(asyncio.gather(*pending), grace_s)
+            except asyncio.TimeoutError:
+                log.warning("relay.shutdown_grace_expired",
+                            open_streams=sum(len(p.streams) for p in self.pairs))
+        for pair in list(self.pairs):
+            pair.close(code=GRPC_UNAVAILABLE)
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,173 @@
+"""The little the proxy reads of gRPC messages: framing, and a few protobuf fields.
+
+The relay forwards bytes verbatim and only peeks: the model name at the start
+of each ModelInferRequest, and on ModelStreamInfer responses the model name
+and Triton's `triton_final_response` flag. Protobuf writes fields in number
+order, so everything needed sits in the first few hundred bytes of a message,
+before any tensor data. Parsers here never raise on garbage: they return None.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+# How many bytes of each message the scanners keep for peeking.
+HEAD_BYTES = 1024
+
+# Protobuf wire types.
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position); raises IndexError/ValueError on truncated or overlong input."""
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def iter_fields(buf: bytes):
+    """Yield (field number, wire type, value) of a protobuf message prefix.
+
+    value is an int for varints and fixed-size fields, and a bytes slice for
+    length-delimited ones. Stops quietly where the prefix is cut off.
+    """
+    pos, end = 0, len(buf)
+    try:
+        while pos < end:
+            key, pos = _varint(buf, pos)
+            number, wire = key >> 3, key & 7
+            if wire == _VARINT:
+                value, pos = _varint(buf, pos)
+            elif wire == _LEN:
+                size, pos = _varint(buf, pos)
+                if pos + size > end:
+                    return
+                value, pos = buf[pos:pos + size], pos + size
+            elif wire == _I64:
+                value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+            elif wire == _I32:
+                value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+            else:
+                return  # groups are not used by Triton's protos; treat as garbage
+            if pos > end:
+                return
+            yield number, wire, value
+    except (IndexError, ValueError):
+        return
+
+
+def _decode_str(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def request_model_name(head: bytes) -> str | None:
+    """ModelInferRequest.model_name (field 1) from a message prefix."""
+    for number, wire, value in iter_fields(head):
+        if number == 1 and wire == _LEN:
+            return _decode_str(value)
+    return None
+
+
+def stream_response_info(head: bytes) -> tuple[str | None, bool | None, bool]:
+    """(model name, triton_final_response, has error) of a ModelStreamInferResponse prefix.
+
+    ModelStreamInferResponse: error_message = 1, infer_response = 2.
+    ModelInferResponse: model_name = 1, parameters = 4 (map<string, InferParameter>),
+    InferParameter.bool_param = 1. Triton sets triton_final_response on every
+    stream response (true when the request is complete).
+    """
+    model: str | None = None
+    final: bool | None = None
+    error = False
+    for number, wire, value in iter_fields(head):
+        if number == 1 and wire == _LEN:
+            error = len(value) > 0
+        elif number == 2 and wire == _LEN:
+            for n2, w2, v2 in iter_fields(value):
+                if n2 == 1 and w2 == _LEN:
+                    model = _decode_str(v2)
+                elif n2 == 4 and w2 == _LEN:
+                    key = param_value = None
+                    for n3, w3, v3 in iter_fields(v2):
+                        if n3 == 1 and w3 == _LEN:
+                            key = v3
+                        elif n3 == 2 and w3 == _LEN:
+                            param_value = v3
+                    if key == b"triton_final_response" and param_value is not None:
+                        final = False
+                        for n4, w4, v4 in iter_fields(param_value):
+                            if n4 == 1 and w4 == _VARINT:
+                                final = bool(v4)
+                elif n2 >= 5:
+                    break  # outputs and tensor data follow; nothing more to read
+    return model, final, error
+
+
+def decompress_head(head: bytes, encoding: bytes | None) -> bytes | None:
+    """The start of a compressed message's payload, or None where it can't be read."""
+    if encoding == b"gzip":
+        wbits = 31
+    elif encoding == b"deflate":
+        wbits = 15
+    else:
+        return None
+    try:
+        return zlib.decompressobj(wbits).decompress(head, HEAD_BYTES)
+    except zlib.error:
+        return None
+
+
+class MessageScanner:
+    """Follows gRPC message boundaries (1-byte flag, 4-byte length, payload) through
+    a stream's DATA bytes, fed in arbitrary pieces, and calls
+    `on_message(head, compressed, length)` once per message with its first
+    HEAD_BYTES bytes (or all of it, if shorter)."""
+
+    __slots__ = ("_prefix", "_left", "_head", "_head_want", "_compressed", "_length", "on_message")
+
+    def __init__(self, on_message: Callable[[bytes, bool, int], None]) -> None:
+        self.on_message = on_message
+        self._prefix = b""
+        self._left = 0  # payload bytes of the current message still to come
+        self._head = b""
+        self._head_want = 0
+        self._compressed = False
+        self._length = 0
+
+    def feed(self, data: memoryview | bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._left == 0 and self._head_want == 0:
+                take = min(5 - len(self._prefix), n - i)
+                self._prefix += bytes(data[i:i + take])
+                i += take
+                if len(self._prefix) < 5:
+                    return
+                self._compressed = self._prefix[0] == 1
+                self._length = self._left = int.from_bytes(self._prefix[1:5], "big")
+                self._prefix = b""
+                self._head = b""
+                self._head_want = min(HEAD_BYTES, self._left)
+                if self._head_want == 0:
+                    self.on_message(b"", self._compressed, 0)
+                continue
+            take = min(self._left, n - i)
+            if self._head_want:
+                part = bytes(data[i:i + min(take, self._head_want - len(self._head))])
+                self._head += part
+                if len(self._head) == self._head_want:
+                    self._head_want = 0
+                    self.on_message(self._head, self._compressed, self._length)
+            i += take
+            self._left -= take

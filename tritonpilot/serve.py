@@ -1,0 +1,202 @@
+"""`tritonpilot serve`: the sidecar process, and the one place that wires proxy and control.
+
+Start-up -> serve -> graceful shutdown, as uvicorn does it:
+1. the relay listens; the GPU sampler and the metrics listener start; the
+   controller starts when the policy names models;
+2. SIGTERM/SIGINT: stop accepting, GOAWAY to every client, let open calls and
+   streams finish within the grace period, then close the rest, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import grpc
+import structlog
+import uvloop
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from proxy.gpu import GpuSampler, TritonMetricsGpuSource, NullGpuSampler, make_gpu_sampler
+from proxy.http import MetricsServer
+from proxy.metrics import ProxyCollector, new_registry
+from proxy.relay import Relay, RelayOptions
+from proxy.stats import ProxyStats
+from tritonpilot.logs import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+def parse_host_port(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what}: got {value!r}; expected HOST:PORT with a port in 0..65535")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    triton: str = "127.0.0.1:8001"
+    listen: str = "0.0.0.0:8101"
+    metrics_listen: str = "127.0.0.1:9101"
+    triton_metrics_url: str | None = None
+    allow_client_model_control: bool = False
+    max_message_bytes: int | None = None
+    grace_period_s: float = 30.0
+    connect_timeout_s: float = 1.0
+    tcp_keepalive_s: float | None = 60.0
+    gpu_interval_s: float = 1.0
+    log_format: str = "console"
+    log_level: str = "INFO"
+
+
+class Controller(Protocol):
+    """What the sidecar needs of the control plane (control/ provides it)."""
+
+    async def run(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+# (stats, gpu sampler, registry) -> a controller, or None when there is nothing to control.
+ControllerFactory = Callable[[ProxyStats, GpuSampler, Any], Controller | None]
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, controller_factory: ControllerFactory | None = None) -> None:
+        self.config = config
+        self.stats = ProxyStats()
+        host, port = parse_host_port(config.triton, "--triton")
+        self.relay = Relay(RelayOptions(
+            upstream_host=host, upstream_port=port,
+            allow_client_model_control=config.allow_client_model_control,
+            max_message_bytes=config.max_message_bytes,
+            connect_timeout_s=config.connect_timeout_s,
+            tcp_keepalive_s=config.tcp_keepalive_s), self.stats)
+        self.gpu: GpuSampler = make_gpu_sampler(config.gpu_interval_s, log)
+        if isinstance(self.gpu, NullGpuSampler) and config.triton_metrics_url:
+            self.gpu = TritonMetricsGpuSource(config.triton_metrics_url, interval_s=config.gpu_interval_s)
+        collectors: list[Any] = [ProxyCollector(self.stats, self.gpu)]
+        self.registry = new_registry(collectors)
+        self.controller = controller_factory(self.stats, self.gpu, self.registry) if controller_factory else None
+        mhost, mport = parse_host_port(config.metrics_listen, "--metrics-listen")
+        self.metrics = MetricsServer(mhost, mport, self.registry, self._triton_ready,
+                                     self.controller.status if self.controller else None)
+        self._channel = grpc.aio.insecure_channel(config.triton)
+        self._tasks: list[asyncio.Task] = []
+        self.port: int | None = None
+        self.stopping = asyncio.Event()
+
+    async def _triton_ready(self) -> tuple[bool, str]:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        try:
+            reply = await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as exc:
+            return False, f"Triton at {self.config.triton} is unreachable: {exc.code().name} {exc.details()}"
+        if not reply.ready:
+            return False, f"Triton at {self.config.triton} is up but not ready"
+        return True, f"Triton at {self.config.triton} is ready"
+
+    async def start(self) -> None:
+        host, port = parse_host_port(self.config.listen, "--listen")
+        self.port = await self.relay.start(host, port)
+        await self.metrics.start()
+        self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-sampler"))
+        if self.controller is not None:
+            self._tasks.append(asyncio.create_task(self.controller.run(), name="controller"))
+        log.info("sidecar.started", listen=f"{host}:{self.port}", triton=self.config.triton,
+                 metrics=f"{self.config.metrics_listen.rpartition(':')[0]}:{self.metrics.port}",
+                 controller=self.controller is not None)
+
+    async def shutdown(self) -> None:
+        log.info("sidecar.stopping", grace_period_s=self.config.grace_period_s)
+        await self.relay.shutdown(self.config.grace_period_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.gpu.close()
+        await self.metrics.stop()
+        await self._channel.close()
+        log.info("sidecar.stopped")
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        # A controller that dies is a bug worth stopping for, not a silent half-sidecar.
+        waiters = [asyncio.create_task(self.stopping.wait()), *[t for t in self._tasks if t.get_name() == "controller"]]
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiters[0] and task.exception() is not None:
+                log.error("sidecar.controller_failed", error=repr(task.exception()))
+        waiters[0].cancel()
+        await self.shutdown()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    d = SidecarConfig()
+    parser.add_argument("--triton", help=f"Triton's gRPC address HOST:PORT (default {d.triton})")
+    parser.add_argument("--listen", help=f"where clients connect, HOST:PORT (default {d.listen})")
+    parser.add_argument("--metrics-listen", help=f"/metrics, /healthz, /readyz, /status (default {d.metrics_listen})")
+    parser.add_argument("--policy", metavar="FILE", help="the policy YAML; options given here override it")
+    parser.add_argument("--allow-client-model-control", action="store_true", default=None,
+                        help="let clients call RepositoryModelLoad/Unload (refused by default)")
+    parser.add_argument("--max-message-bytes", type=int, help="refuse larger request messages (default: no limit)")
+    parser.add_argument("--grace-period-s", type=float, help=f"drain time on SIGTERM (default {d.grace_period_s})")
+    parser.add_argument("--tcp-keepalive-s", type=float, help=f"TCP keepalive idle time (default {d.tcp_keepalive_s})")
+    parser.add_argument("--log-format", choices=["json", "console"], help="log format (default console)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+
+
+_OPTION_FIELDS = {"triton": "triton", "listen": "listen", "metrics_listen": "metrics_listen",
+                  "allow_client_model_control": "allow_client_model_control",
+                  "max_message_bytes": "max_message_bytes", "grace_period_s": "grace_period_s",
+                  "tcp_keepalive_s": "tcp_keepalive_s", "log_format": "log_format", "log_level": "log_level"}
+
+
+def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarConfig:
+    """Options given on the command line override the policy file's values."""
+    overrides = {field: getattr(args, opt) for opt, field in _OPTION_FIELDS.items()
+                 if getattr(args, opt, None) is not None}
+    config = replace(base, **overrides)
+    for what, value in (("--triton", config.triton), ("--listen", config.listen),
+                        ("--metrics-listen", config.metrics_listen)):
+        parse_host_port(value, what)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    base = SidecarConfig()
+    factory: ControllerFactory | None = None
+    if args.policy:
+        from control.policy import PolicyError  # the composition root may know both planes
+        from tritonpilot.wiring import sidecar_config_from_policy, controller_factory_from_policy
+        try:
+            base, policy = sidecar_config_from_policy(args.policy)
+        except PolicyError as exc:
+            print(f"tritonpilot serve: invalid policy {args.policy}:\n{exc}", file=sys.stderr)
+            return 2
+        factory = controller_factory_from_policy(policy)
+    try:
+        config = config_from_args(args, base)
+    except ValueError as exc:
+        print(f"tritonpilot serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_format, config.log_level)
+
+    async def main() -> None:
+        await Sidecar(config, factory).serve()
+
+    try:
+        uvloop.run(main())
+    except OSError as exc:  # e.g. the listen port is taken
+        print(f"tritonpilot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -88,7 +88,7 @@ def parse_parameter(text: str) -> tuple[str, str]:
 
 
 @functools.cache
-def _load_runner_module() -> ModuleType:
+def load_runner_module() -> ModuleType:
     """The runner's own parsing, so a bad value fails here with Triton's message
     instead of at load time. Registered in sys.modules for its dataclasses."""
     spec = importlib.util.spec_from_file_location("tritonpilot_torchscript_runner", RUNNER_SOURCE)
@@ -109,7 +109,7 @@ def check_parameters(parameters: Mapping[str, str]) -> list[str]:
         elif key not in KNOWN_KEYS:
             warnings.append(f"parameter {key}: not a libtorch backend key; the runner ignores it")
     if any(key in KNOWN_KEYS for key in parameters):
-        runner = _load_runner_module()
+        runner = load_runner_module()
         try:
             runner.parse_parameters({k: {"string_value": v} for k, v in parameters.items()})
         except runner.ParameterError as exc:

@@ -367,7 +367,7 @@ class TritonPythonModel:
             ):
                 pb_utils.Logger.log_info(line)
         if self.flags.report_flags:
-            pb_utils.Logger.log_info(f"{REPORT_PREFIX} will be logged per execute for model '{self.model_name}'")
+            pb_utils.Logger.log_info(f"Torch flags are reported per execute for model instance '{self.model_name}'")
         path = os.path.join(args["model_repository"], args["model_version"], MODEL_FILENAME)
         self.module = self._load(path)
         self.inputs, self.outputs = self._io_specs(config)
@@ -443,7 +443,9 @@ class TritonPythonModel:
         finally:
             self._clear_cache()
         if state is not None:
-            state.update(requests=len(requests), batch_size=sum(batch_sizes), execute=self.execute_count)
+            state.update(
+                requests=len(requests), batch_size=sum(batch_sizes), execute=self.execute_count, pid=os.getpid()
+            )
             pb_utils.Logger.log_info(
                 f"{REPORT_PREFIX} for model instance '{self.model_name}': {json.dumps(state, sort_keys=True)}"
             )

@@ -127,13 +127,35 @@ def _given_tensor(name: str, datatype: str, shape: tuple[int, ...], values: Any)
         array = np.array([str(v).encode() if not isinstance(v, bytes) else v for v in np.ravel(values)],
                          dtype=np.object_)
     else:
-        array = np.asarray(values, dtype=triton_to_np_dtype(datatype)).ravel()
+        try:
+            array = np.asarray(values, dtype=triton_to_np_dtype(datatype)).ravel()
+        except (ValueError, TypeError) as e:
+            raise BenchError(f"input {name}: values are not {datatype}: {e}") from None
     size = math.prod(shape)
     if array.size != size and size % max(array.size, 1) == 0 and array.size > 0:
         array = np.tile(array, size // array.size)
     if array.size != size:
         raise BenchError(f"input {name}: {array.size} values given, shape {list(shape)} needs {size}")
     return array.reshape(shape)
+
+
+def _dims_from_data(name: str, dims: list[int], values: Any) -> list[int]:
+    """Variable dims of one sample, read off the data given for it (as perf_analyzer does)."""
+    if isinstance(values, Mapping):
+        if "shape" in values:
+            return [int(d) for d in values["shape"]]
+        values = values.get("content", [])
+    try:
+        nested = np.shape(values)
+    except ValueError:  # ragged nested lists
+        raise BenchError(f"input {name}: the nested lists given are ragged") from None
+    if len(nested) == len(dims) and all(d in (-1, n) for d, n in zip(dims, nested)):
+        return list(nested)
+    count = int(np.size(values))
+    fixed = math.prod(d for d in dims if d != -1)
+    if dims.count(-1) == 1 and fixed > 0 and count % fixed == 0:
+        return [count // fixed if d == -1 else d for d in dims]
+    raise BenchError(f"input {name}: cannot tell dims {dims} from {count} values; give --shape {name}:...")
 
 
 def inputs_from_metadata(
@@ -171,6 +193,8 @@ def inputs_from_metadata(
             if len(given) != len(dims) or any(d != -1 and d != g for d, g in zip(dims, given)):
                 raise BenchError(f"--shape {name}:{','.join(map(str, given))} does not fit the model's dims {dims}")
             dims = list(given)
+        elif name in data and -1 in dims:
+            dims = _dims_from_data(name, dims, data[name])
         sample = tuple(1 if d == -1 else d for d in dims)
         shape = (batch_size, *sample) if max_batch_size > 0 else sample
         if name in data:

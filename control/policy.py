@@ -442,12 +442,56 @@ def parse_policy(data: object, source: str = "<policy>") -> Policy:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
         problems = [_pydantic_problem(err) for err in exc.errors()]
-        raw_errors, _ = _raw_flag_problems(data)  # flag values pydantic does not look into
-        raise PolicyError(source, _dedup(problems + raw_errors)) from None
+        raw_errors, _ = _raw_flag_problems(data)  # flag values inside lists pydantic rejected
+        raise PolicyError(source, _dedup(problems + raw_errors + _errors_beyond(data, exc))) from None
     errors, _ = _semantic_problems(policy)
     if errors:
         raise PolicyError(source, errors)
     return policy
+
+
+def _errors_beyond(data: dict, exc: ValidationError, rounds: int = 5) -> list[str]:
+    """The cross-value errors of the rest of the file: prune what failed (so defaults
+    apply there), validate again, and keep the errors that do not touch a pruned key."""
+    pruned: list[str] = []
+    for _ in range(rounds):
+        for err in exc.errors():
+            pruned.append(_path(_prune_loc(tuple(err["loc"]))))
+            data = _pruned_copy(data, tuple(err["loc"]))
+        try:
+            policy = Policy.model_validate(data)
+        except ValidationError as again:
+            exc = again
+            continue
+        errors, _ = _semantic_problems(policy)
+        return [e for e in errors if not any(path in e for path in pruned)]
+    return []
+
+
+def _prune_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    # Removing a list item would renumber the rest, so the whole list goes.
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            return loc[:i]
+    return loc
+
+
+def _pruned_copy(data: dict, loc: tuple[str | int, ...]) -> dict:
+    """A copy of data without the key at loc (shallow copies along the path)."""
+    loc = _prune_loc(loc)
+    if not loc:
+        return data
+    head, rest = loc[0], loc[1:]
+    if head not in data:
+        return data
+    out = dict(data)
+    if not rest:
+        del out[head]
+    elif isinstance(out[head], dict):
+        out[head] = _pruned_copy(out[head], rest)
+    else:
+        del out[head]
+    return out
 
 
 def policy_warnings(policy: Policy) -> list[str]:

@@ -1,0 +1,78 @@
+"""`tritonpilot check FILE`: validate a policy file and print what it resolves to per model.
+
+Exit status: 0 valid (warnings are printed but do not fail, unless --strict), 1 invalid.
+The resolved policy goes to stdout; warnings and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from control.policy import (Policy, PolicyError, ResolvedModelPolicy, load_policy, policy_warnings,
+                            resolve)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="the policy YAML")
+    parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        count = len(exc.problems)
+        print(f"{args.file}: invalid policy, {count} problem{'s' if count != 1 else ''}:", file=sys.stderr)
+        print(exc, file=sys.stderr)
+        return 1
+    print_policy(policy, args.file, sys.stdout)
+    warnings = policy_warnings(policy)
+    if warnings:
+        print(f"{args.file}: {len(warnings)} warning{'s' if len(warnings) != 1 else ''}:", file=sys.stderr)
+        for warning in warnings:
+            print(f"  - {warning}", file=sys.stderr)
+    return 1 if warnings and args.strict else 0
+
+
+def print_policy(policy: Policy, source: str, out: TextIO) -> None:
+    c = policy.control
+    print(f"{source}: valid", file=out)
+    print(f"triton {policy.triton.grpc}, proxy listens on {policy.proxy.listen}, "
+          f"metrics on {policy.metrics.listen}", file=out)
+    print(f"control: every {_n(c.interval_s)}s, reload strategy {c.reload_strategy}, "
+          f"reload timeout {_n(c.reload_timeout_s)}s, failed config backoff {_n(c.failed_config_backoff_s)}s"
+          + (", DRY RUN (decides and logs, never reloads)" if c.dry_run else ""), file=out)
+    resolved = resolve(policy)
+    if not resolved:
+        print("no models under `models`: nothing is reloaded, every model is only proxied", file=out)
+    for model in resolved.values():
+        print(file=out)
+        print_model(model, out)
+
+
+def print_model(m: ResolvedModelPolicy, out: TextIO) -> None:
+    target = m.target_inflight_per_instance
+    print(f"model {m.model}", file=out)
+    print(f"  instances {m.min_instances}..{m.max_instances}, target {_n(target)} in flight per instance; "
+          f"up past n x {_n(target * (1 + m.tolerance_ratio))} in flight (tolerance {m.tolerance_ratio:.0%})",
+          file=out)
+    print(f"  up after {_n(m.scale_up_delay_s)}s, down after {_n(m.scale_down_delay_s)}s; panic at "
+          f"{_n(m.panic_threshold_ratio)}x capacity for {_n(m.panic_window_s)}s; at most {m.max_step} "
+          f"per step; cooldown >= {_n(m.cooldown_s)}s and >= the last reload's duration", file=out)
+    print(f"  GPU: no new instance at >= {m.gpu_utilization_ceiling_ratio:.0%} utilization; keep "
+          f"max({m.gpu_memory_headroom_ratio:.0%} of memory, {m.gpu_memory_headroom_bytes} bytes) free", file=out)
+    print("  profile by count:", file=out)
+    for count in range(m.min_instances, m.max_instances + 1):
+        profile = m.profile_for(count)
+        if profile is None:  # not in a validated policy; shown rather than hidden
+            print(f"    {count}: (no rule)", file=out)
+            continue
+        flags = " ".join(f"{k}={v}" for k, v in profile.parameters.items()) or "(no flags)"
+        print(f"    {count}: {profile.name}  {flags}", file=out)
+
+
+def _n(value: float) -> str:
+    """1.0 -> '1', 0.5 -> '0.5'."""
+    return f"{value:g}"

@@ -1,0 +1,13 @@
+"""OUTPUT0 = 2 * INPUT0. The Python backend hands over a batch as a list of
+requests (it does not concatenate them), so each is answered on its own."""
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", data * 2)]))
+        return responses

@@ -40,7 +40,6 @@ class EndpointResults:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="Triton (or proxy) gRPC endpoint, HOST:PORT")
     parser.add_argument("--model", required=True, help="model name")
-    parser.add_argument("--model-version", default="", help="model version (default: Triton's policy)")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency-range", metavar="START:END[:STEP]",
                       help="closed loop, N requests in flight (default 1:1)")

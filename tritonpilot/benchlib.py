@@ -11,6 +11,12 @@ Accounting follows perf_analyzer: a request belongs to the window in which it
 the window's offered rate counts the sends *scheduled* inside it, so offered vs
 served shows whether the server keeps up.
 
+Open-loop sends follow an absolute schedule (t0 + k/rate) rather than
+asyncio-throttle: its Throttler is a sliding-window limiter that polls every
+10 ms, so Throttler(1, 1/rate) tops out near 100 requests/s and
+Throttler(rate, 1 s) sends each second's requests in one burst (measured here).
+A schedule also makes the offered count exact and lateness measurable.
+
 Inputs are prepared once (`prepare_inputs`) and the request is serialized once
 per run: on 2 shared cores the client's own CPU would otherwise be part of
 what we measure.

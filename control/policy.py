@@ -441,13 +441,21 @@ def parse_policy(data: object, source: str = "<policy>") -> Policy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        problems = [_pydantic_problem(err) for err in exc.errors()]
+        problems = [_pydantic_problem(err) for err in _root_causes(exc.errors())]
         raw_errors, _ = _raw_flag_problems(data)  # flag values inside lists pydantic rejected
         raise PolicyError(source, _dedup(problems + raw_errors + _errors_beyond(data, exc))) from None
     errors, _ = _semantic_problems(policy)
     if errors:
         raise PolicyError(source, errors)
     return policy
+
+
+def _root_causes(errors: list[Any]) -> list[Any]:
+    """pydantic also says a list is too short when one of its items failed: drop that echo."""
+    locs = [tuple(e["loc"]) for e in errors]
+    return [e for e in errors
+            if not (e["type"] == "too_short" and any(len(l) > len(e["loc"]) and l[:len(e["loc"])] == tuple(e["loc"])
+                                                     for l in locs))]
 
 
 def _errors_beyond(data: dict, exc: ValidationError, rounds: int = 5) -> list[str]:

@@ -1,0 +1,438 @@
+"""The decision core: one model, one tick, `decide(signals, policy, state) -> (decision, state)`.
+
+Pure: time comes in `signals.now_s`; no I/O, clocks or logging here, so tests run
+timelines in no time. The loop keeps one `State` per model and feeds each decision
+to the actuator (and the log) when `decision.changes`.
+
+How a decision is made (every threshold is a policy key, control/policy.py):
+
+1. No data -> hold. Without a fresh live config (the current count) or a fresh
+   in-flight sample, the decision is HOLD "no-data" and the delay clocks restart:
+   an excess we did not see cannot be said to have lasted.
+2. Load -> desired count. `ideal = inflight_mean / target_inflight_per_instance`
+   (instances needed to hold the target); `desired = ceil(ideal)` clamped to
+   [min_instances, max_instances]. At `n` instances the tolerated band is
+   `n - 1 < ideal <= n x (1 + tolerance_ratio)`:
+   - up is wanted only above the band, to `desired` (which lands inside the new band);
+   - down is wanted when `desired < n`, i.e. n - 1 instances would already hold the
+     target, to the highest `desired` seen while down was wanted (the window's need);
+   - inside the band nothing is wanted: a steady load settles. The band is wider
+     than one instance, so the count that an up or down lands on is a fixed point
+     for that load (in-flight that stays constant; in-flight that grows with
+     queueing at the lower count flaps only if the queue adds more than the
+     tolerance, with a period of at least scale_down_delay_s).
+3. Delays, in elapsed seconds of `now_s` (not ticks): up once the up condition has
+   held for `scale_up_delay_s`, down once the down condition has held for
+   `scale_down_delay_s`. Panic: in-flight >= panic_threshold_ratio x (n x target)
+   for `panic_window_s` scales up without the up delay. A count outside
+   [min, max] (e.g. from config.pbtxt) is corrected at once.
+4. The profile follows from the count (the first rule holding it). A change of count,
+   of profile, or both, is one decision; a live profile that differs from the one for
+   the current count is a REPROFILE at the same count.
+5. Gates, which turn a wanted change into BLOCKED (the clocks keep running):
+   a reload pending -> "reload-pending"; inside the cooldown -> "cooldown". The
+   cooldown follows each change and each finished reload, and lasts
+   max(cooldown_s, the last measured reload duration).
+6. Step and guards, which may shrink the change or block it:
+   - at most `max_step` instances per decision;
+   - no new instance while GPU utilization >= gpu_utilization_ceiling_ratio -> "gpu-bound";
+   - GPU memory: after the reload, free memory must stay >= the headroom, where a full
+     reload briefly adds a whole new copy (count x bytes per instance) and an in-place
+     update adds only the new instances. Bytes per instance are learned from reloads
+     (`observe_reload`); before that, only today's headroom can be checked. The largest
+     count that fits is taken, else "memory-headroom";
+   - the count + profile of a reload that failed less than failed_config_backoff_s ago
+     is skipped (the next count toward the current one is tried), else
+     "failed-config-backoff".
+   Strategy: "full" always; "update" for count-only changes (a profile change needs a
+   full reload); "auto" full when the memory headroom holds two copies, else update.
+   Without GPU data the GPU guards cannot apply and the numbers say so.
+
+Every decision carries `numbers`: the measurements and thresholds behind it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Literal, Protocol, TypeVar
+
+from control.policy import Profile, ResolvedModelPolicy
+from control.signals import GpuSample, LiveConfig, Signals
+
+Number = float | int | str | None
+Strategy = Literal["full", "update"]
+# ceil(2.0000000001) must stay 2: in-flight means are float sums.
+_EPSILON = 1e-9
+
+
+class Action(StrEnum):
+    HOLD = "hold"               # nothing wanted
+    SCALE_UP = "scale_up"
+    SCALE_DOWN = "scale_down"
+    PANIC_UP = "panic_up"       # up without the up delay
+    REPROFILE = "reprofile"     # same count, the profile the count calls for
+    BLOCKED = "blocked"         # a change was wanted; a gate or guard refused it
+
+
+CHANGE_ACTIONS: frozenset[Action] = frozenset({Action.SCALE_UP, Action.SCALE_DOWN, Action.PANIC_UP,
+                                               Action.REPROFILE})
+
+
+class Reason(StrEnum):
+    NO_DATA = "no-data"
+    WITHIN_BAND = "within-band"
+    AT_MAX = "at-max"
+    AT_MIN = "at-min"
+    WAITING_UP_DELAY = "waiting-up-delay"
+    WAITING_DOWN_DELAY = "waiting-down-delay"
+    INFLIGHT_ABOVE_TARGET = "inflight-above-target"
+    INFLIGHT_BELOW_TARGET = "inflight-below-target"
+    PANIC = "panic"
+    BELOW_MIN = "below-min"
+    ABOVE_MAX = "above-max"
+    PROFILE_MISMATCH = "profile-mismatch"
+    RELOAD_PENDING = "reload-pending"
+    COOLDOWN = "cooldown"
+    GPU_BOUND = "gpu-bound"
+    MEMORY_HEADROOM = "memory-headroom"
+    FAILED_CONFIG_BACKOFF = "failed-config-backoff"
+
+
+@dataclass(frozen=True)
+class State:
+    """What one model's decisions remember between ticks. Start with `State()`."""
+
+    up_since_s: float | None = None        # the up condition has held since
+    down_since_s: float | None = None      # the down condition has held since
+    down_peak_instances: int | None = None  # highest desired count while down was wanted
+    panic_since_s: float | None = None     # the panic condition has held since
+    changed_at_s: float | None = None      # the last decision that changed something
+    memory_per_instance_bytes: float | None = None  # learned by observe_reload
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One model's decision at one tick. Counts: current (Triton says), desired (the
+    load asks, clamped to [min, max]), decided (to apply; = current unless `changes`)."""
+
+    model: str
+    now_s: float
+    action: Action
+    reason: Reason
+    current_instances: int | None
+    current_profile: str | None      # the policy profile the live parameters match, if any
+    desired_instances: int | None
+    decided_instances: int | None
+    profile: Profile | None          # the profile for decided_instances
+    strategy: Strategy | None        # how to reload, when `changes`
+    numbers: Mapping[str, Number] = field(default_factory=dict)
+
+    @property
+    def changes(self) -> bool:
+        return self.action in CHANGE_ACTIONS
+
+
+def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple[Decision, State]:
+    now_s = signals.now_s
+    numbers = _signal_numbers(signals, policy, state)
+    config = _fresh(signals.config, now_s, policy.max_signal_age_s)
+    inflight = _fresh(signals.inflight, now_s, policy.max_signal_age_s)
+    if config is None or inflight is None:
+        numbers["missing"] = ",".join(name for name, v in (("config", config), ("inflight", inflight)) if v is None)
+        current = config.instances if config is not None else None
+        decision = _decision(policy, now_s, Action.HOLD, Reason.NO_DATA, config, None, current, None, numbers)
+        return decision, replace(state, up_since_s=None, down_since_s=None, down_peak_instances=None,
+                                 panic_since_s=None)
+
+    current = config.instances
+    load = _load(inflight.inflight_mean, current, policy)
+    state = _track(state, load, current, now_s)
+    numbers.update(_load_numbers(load, current, policy, state, now_s))
+
+    action, reason, target = _wanted(load, state, policy, current, config, now_s)
+    if action is Action.HOLD:
+        return _decision(policy, now_s, action, reason, config, load.desired, current, None, numbers), state
+
+    if signals.reload_pending:
+        return _blocked(policy, now_s, Reason.RELOAD_PENDING, config, load.desired, numbers, reason), state
+    cooldown_left_s = _cooldown_end_s(signals, policy, state) - now_s
+    if cooldown_left_s > 0:
+        numbers["cooldown_left_s"] = cooldown_left_s
+        return _blocked(policy, now_s, Reason.COOLDOWN, config, load.desired, numbers, reason), state
+
+    stepped = _step(current, target, policy.max_step)
+    if stepped != target:
+        numbers["limited_by"] = "max_step"
+    # min_instances is the operator's floor, so only load-driven growth waits for the GPU.
+    if stepped > current and reason is not Reason.BELOW_MIN and _gpu_bound(signals.gpu, now_s, policy):
+        return _blocked(policy, now_s, Reason.GPU_BOUND, config, load.desired, numbers, reason), state
+
+    plan = _plan(current, stepped, config, signals, policy, state, numbers)
+    if isinstance(plan, Reason):
+        return _blocked(policy, now_s, plan, config, load.desired, numbers, reason), state
+    decided, strategy = plan
+    decision = _decision(policy, now_s, action, reason, config, load.desired, decided, strategy, numbers)
+    new_state = replace(state, changed_at_s=now_s)
+    if decided < current:  # the next step down waits a whole delay again
+        new_state = replace(new_state, down_since_s=None, down_peak_instances=None)
+    return decision, new_state
+
+
+def observe_reload(state: State, before_bytes: int | None, after_bytes: int | None,
+                   instances_before: int, instances_after: int) -> State:
+    """Learn GPU memory per instance from a finished reload: GPU memory used before it
+    started and after it settled (after a full reload, once the old copy is gone).
+
+    Measurements that cannot say anything (no GPU data, same count, memory that went the
+    wrong way because something else moved) leave the estimate as it was; a new one is
+    averaged with the old, so one noisy reading does not dominate.
+    """
+    if before_bytes is None or after_bytes is None or instances_after == instances_before:
+        return state
+    per_instance = (after_bytes - before_bytes) / (instances_after - instances_before)
+    if per_instance <= 0:
+        return state
+    old = state.memory_per_instance_bytes
+    return replace(state, memory_per_instance_bytes=per_instance if old is None else (old + per_instance) / 2)
+
+
+# ---------------------------------------------------------------------------------------
+# Steps of `decide`
+
+class _Timed(Protocol):
+    at_s: float
+
+
+_Sample = TypeVar("_Sample", bound=_Timed)
+
+
+def _fresh(sample: _Sample | None, now_s: float, max_age_s: float) -> _Sample | None:
+    """The sample, unless it is missing or older than max_age_s (then: no data)."""
+    if sample is None or now_s - sample.at_s > max_age_s:
+        return None
+    return sample
+
+
+@dataclass(frozen=True)
+class _Load:
+    ideal: float       # instances that would hold in-flight per instance at the target
+    unclamped: int     # ceil(ideal), at least 1
+    desired: int       # unclamped, clamped to [min, max]
+    above_band: bool   # ideal > n x (1 + tolerance): up is wanted
+    panic: bool        # in-flight >= panic_threshold_ratio x n x target
+
+
+def _load(inflight_mean: float, current: int, policy: ResolvedModelPolicy) -> _Load:
+    ideal = max(0.0, inflight_mean) / policy.target_inflight_per_instance
+    unclamped = max(1, math.ceil(ideal - _EPSILON))
+    desired = min(policy.max_instances, max(policy.min_instances, unclamped))
+    return _Load(
+        ideal=ideal, unclamped=unclamped, desired=desired,
+        above_band=ideal > current * (1 + policy.tolerance_ratio) + _EPSILON,
+        panic=ideal >= current * policy.panic_threshold_ratio - _EPSILON,
+    )
+
+
+def _track(state: State, load: _Load, current: int, now_s: float) -> State:
+    """Advance the clocks: each condition's start while it holds, None once it breaks."""
+    up = load.above_band and load.desired > current
+    panic = up and load.panic
+    down = load.desired < current
+    return replace(
+        state,
+        up_since_s=_since(state.up_since_s, up, now_s),
+        panic_since_s=_since(state.panic_since_s, panic, now_s),
+        down_since_s=_since(state.down_since_s, down, now_s),
+        down_peak_instances=max(state.down_peak_instances or 0, load.desired) if down else None,
+    )
+
+
+def _since(since_s: float | None, holds: bool, now_s: float) -> float | None:
+    if not holds:
+        return None
+    return now_s if since_s is None else since_s
+
+
+def _lasted(since_s: float | None, delay_s: float, now_s: float) -> bool:
+    return since_s is not None and now_s - since_s >= delay_s
+
+
+def _wanted(load: _Load, state: State, policy: ResolvedModelPolicy, current: int, config: LiveConfig,
+            now_s: float) -> tuple[Action, Reason, int]:
+    """What the load and the bounds ask for, before gates and guards."""
+    if current < policy.min_instances:
+        return Action.SCALE_UP, Reason.BELOW_MIN, max(policy.min_instances, load.desired)
+    if current > policy.max_instances:
+        return Action.SCALE_DOWN, Reason.ABOVE_MAX, policy.max_instances
+    if _lasted(state.panic_since_s, policy.panic_window_s, now_s):
+        return Action.PANIC_UP, Reason.PANIC, load.desired
+    if _lasted(state.up_since_s, policy.scale_up_delay_s, now_s):
+        return Action.SCALE_UP, Reason.INFLIGHT_ABOVE_TARGET, load.desired
+    if _lasted(state.down_since_s, policy.scale_down_delay_s, now_s):
+        return Action.SCALE_DOWN, Reason.INFLIGHT_BELOW_TARGET, state.down_peak_instances or load.desired
+    wanted_profile = policy.profile_for(current)
+    if wanted_profile is not None and not policy.parameters_match(wanted_profile, config.parameters):
+        return Action.REPROFILE, Reason.PROFILE_MISMATCH, current
+    if state.up_since_s is not None:
+        return Action.HOLD, Reason.WAITING_UP_DELAY, current
+    if state.down_since_s is not None:
+        return Action.HOLD, Reason.WAITING_DOWN_DELAY, current
+    if load.above_band and current >= policy.max_instances:
+        return Action.HOLD, Reason.AT_MAX, current
+    if load.unclamped < current <= policy.min_instances:
+        return Action.HOLD, Reason.AT_MIN, current
+    return Action.HOLD, Reason.WITHIN_BAND, current
+
+
+def _cooldown_end_s(signals: Signals, policy: ResolvedModelPolicy, state: State) -> float:
+    """Quiet until max(cooldown_s, last reload's duration) after the last change and
+    after the last finished reload."""
+    last = signals.last_reload
+    length_s = max(policy.cooldown_s, last.duration_s if last is not None else 0.0)
+    ends = [t + length_s for t in (state.changed_at_s, last.finished_s if last is not None else None)
+            if t is not None]
+    return max(ends, default=-math.inf)
+
+
+def _step(current: int, target: int, max_step: int) -> int:
+    return max(current - max_step, min(current + max_step, target))
+
+
+def _gpu_bound(gpu: GpuSample | None, now_s: float, policy: ResolvedModelPolicy) -> bool:
+    gpu = _fresh(gpu, now_s, policy.max_signal_age_s)
+    return (gpu is not None and gpu.utilization_ratio is not None
+            and gpu.utilization_ratio >= policy.gpu_utilization_ceiling_ratio)
+
+
+def _candidates(current: int, target: int) -> range:
+    """Counts to try, the asked-for one first, then each one step closer to current."""
+    if target > current:
+        return range(target, current, -1)
+    if target < current:
+        return range(target, current)
+    return range(current, current + 1)  # same count: a profile change
+
+
+def _plan(current: int, target: int, config: LiveConfig, signals: Signals, policy: ResolvedModelPolicy,
+          state: State, numbers: dict[str, Number]) -> tuple[int, Strategy] | Reason:
+    """The first candidate count (and a reload strategy) that no guard refuses, else why not."""
+    gpu = _fresh(signals.gpu, signals.now_s, policy.max_signal_age_s)
+    skipped: list[Reason] = []
+    for count in _candidates(current, target):
+        profile = policy.profile_for(count)
+        if profile is None:
+            continue  # only in an unvalidated policy
+        if _in_failed_backoff(signals, policy, count, profile):
+            skipped.append(Reason.FAILED_CONFIG_BACKOFF)
+            continue
+        profile_changes = not policy.parameters_match(profile, config.parameters)
+        for strategy in _strategies(policy, profile_changes):
+            if _fits(strategy, current, count, gpu, policy, state, numbers):
+                if skipped:
+                    numbers["limited_by"] = str(skipped[0])
+                return count, strategy
+        skipped.append(Reason.MEMORY_HEADROOM)
+    return Reason.MEMORY_HEADROOM if Reason.MEMORY_HEADROOM in skipped or not skipped else skipped[0]
+
+
+def _in_failed_backoff(signals: Signals, policy: ResolvedModelPolicy, count: int, profile: Profile) -> bool:
+    last = signals.last_reload
+    return (last is not None and not last.ok and signals.now_s < last.finished_s + policy.failed_config_backoff_s
+            and last.instances == count and last.profile == profile.name)
+
+
+def _strategies(policy: ResolvedModelPolicy, profile_changes: bool) -> tuple[Strategy, ...]:
+    if profile_changes or policy.reload_strategy == "full":
+        return ("full",)  # flags only change by loading a new copy
+    if policy.reload_strategy == "update":
+        return ("update",)
+    return ("full", "update")  # auto: full where two copies fit
+
+
+def _fits(strategy: Strategy, current: int, count: int, gpu: GpuSample | None, policy: ResolvedModelPolicy,
+          state: State, numbers: dict[str, Number]) -> bool:
+    """Would GPU memory keep its headroom through this reload?"""
+    if gpu is None or gpu.memory_used_bytes is None or gpu.memory_total_bytes is None:
+        return True  # no GPU data: nothing to check against (numbers say gpu no-data)
+    headroom = _headroom_bytes(gpu.memory_total_bytes, policy)
+    per_instance = state.memory_per_instance_bytes
+    new_instances = count if strategy == "full" else max(0, count - current)
+    if new_instances == 0:
+        return True  # an in-place scale-down only frees memory
+    added = 0.0 if per_instance is None else new_instances * per_instance  # unknown: today's headroom only
+    numbers["memory_added_bytes"] = added  # of the last reload checked
+    return gpu.memory_used_bytes + added <= gpu.memory_total_bytes - headroom
+
+
+def _headroom_bytes(total_bytes: int, policy: ResolvedModelPolicy) -> float:
+    return max(policy.gpu_memory_headroom_ratio * total_bytes, float(policy.gpu_memory_headroom_bytes))
+
+
+# ---------------------------------------------------------------------------------------
+# Building decisions and their numbers
+
+def _decision(policy: ResolvedModelPolicy, now_s: float, action: Action, reason: Reason, config: LiveConfig | None,
+              desired: int | None, decided: int | None, strategy: Strategy | None,
+              numbers: dict[str, Number]) -> Decision:
+    return Decision(
+        model=policy.model, now_s=now_s, action=action, reason=reason,
+        current_instances=config.instances if config is not None else None,
+        current_profile=policy.live_profile(config.parameters) if config is not None else None,
+        desired_instances=desired, decided_instances=decided,
+        profile=policy.profile_for(decided) if decided is not None else None,
+        strategy=strategy, numbers=numbers,
+    )
+
+
+def _blocked(policy: ResolvedModelPolicy, now_s: float, reason: Reason, config: LiveConfig, desired: int,
+             numbers: dict[str, Number], wanted: Reason) -> Decision:
+    numbers["wanted"] = str(wanted)
+    return _decision(policy, now_s, Action.BLOCKED, reason, config, desired, config.instances, None, numbers)
+
+
+def _signal_numbers(signals: Signals, policy: ResolvedModelPolicy, state: State) -> dict[str, Number]:
+    out: dict[str, Number] = {}
+    if signals.inflight is not None:
+        s = signals.inflight
+        out.update(inflight_mean=s.inflight_mean, inflight_max=s.inflight_max, inflight_now=s.inflight_now,
+                   request_rate_per_s=s.request_rate_per_s, latency_p95_s=s.latency_p95_s,
+                   inflight_age_s=signals.now_s - s.at_s)
+    if signals.triton is not None:
+        t = signals.triton
+        out.update(success_count=t.success_count, fail_count=t.fail_count,
+                   queue_ns_per_request=t.queue_ns_per_request,
+                   compute_infer_ns_per_request=t.compute_infer_ns_per_request)
+    gpu = _fresh(signals.gpu, signals.now_s, policy.max_signal_age_s)
+    if gpu is None:
+        out["gpu"] = "no-data"
+    else:
+        out.update(gpu_utilization_ratio=gpu.utilization_ratio, gpu_memory_used_bytes=gpu.memory_used_bytes,
+                   gpu_memory_total_bytes=gpu.memory_total_bytes)
+        if gpu.memory_total_bytes is not None:
+            out["gpu_memory_headroom_bytes"] = _headroom_bytes(gpu.memory_total_bytes, policy)
+    out["memory_per_instance_bytes"] = state.memory_per_instance_bytes
+    if signals.last_reload is not None:
+        out["last_reload_duration_s"] = signals.last_reload.duration_s
+        out["last_reload_ok"] = int(signals.last_reload.ok)
+    return out
+
+
+def _load_numbers(load: _Load, current: int, policy: ResolvedModelPolicy, state: State,
+                  now_s: float) -> dict[str, Number]:
+    target = policy.target_inflight_per_instance
+    out: dict[str, Number] = {
+        "ideal_instances": load.ideal,
+        "target_inflight_per_instance": target,
+        "capacity_inflight": current * target,
+        "scale_up_above_inflight": current * target * (1 + policy.tolerance_ratio),
+        "scale_down_at_or_below_inflight": (current - 1) * target,
+        "panic_at_inflight": current * target * policy.panic_threshold_ratio,
+    }
+    for name, since in (("up_for_s", state.up_since_s), ("down_for_s", state.down_since_s),
+                        ("panic_for_s", state.panic_since_s)):
+        if since is not None:
+            out[name] = now_s - since
+    return out

@@ -1,0 +1,157 @@
+"""What the decision core sees of one model at one tick: plain, timestamped values.
+
+The I/O edges (the statistics sources, the actuator, the loop) fill a `Signals` per
+model per tick; `control.decide.decide` reads nothing else. Conventions:
+
+- Times are monotonic seconds (`time.monotonic()`, as the proxy's snapshots use),
+  passed in; `Signals.now_s` is "now" for the decision.
+- Each source's values come together with the time they were measured (`at_s`).
+  A source that could not measure gives None: "no data", never zeros or a guess.
+  Zero traffic is data (mean in flight 0.0), not None.
+- A value older than the policy's `max_signal_age_s` counts as no data.
+
+Two pure helpers turn cumulative counters into these samples, so the sources stay
+thin: `inflight_sample` (from two `proxy.stats.ModelSnapshot`s) and `triton_sample`
+(from two cumulative `TritonCounters`, handling the reset a full reload causes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.stats import ModelSnapshot, quantile_from_buckets
+
+
+@dataclass(frozen=True)
+class InflightSample:
+    """The proxy's view of one model over the window (at_s - window_s, at_s]."""
+
+    at_s: float
+    window_s: float
+    inflight_now: int         # requests in flight at at_s
+    inflight_mean: float      # time-weighted mean over the window: the load signal
+    inflight_max: int         # peak over the window
+    request_rate_per_s: float | None = None  # requests started per second over the window
+    latency_p95_s: float | None = None       # of requests finished in the window; None if none
+
+
+@dataclass(frozen=True)
+class TritonSample:
+    """Deltas of Triton's statistics for one model over the window ending at at_s."""
+
+    at_s: float
+    window_s: float
+    success_count: int
+    fail_count: int
+    queue_ns_per_request: float | None          # None when no request finished in the window
+    compute_infer_ns_per_request: float | None
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """What Triton's own ModelConfig says the model runs (read at at_s)."""
+
+    at_s: float
+    instances: int                     # the instance count Triton reports
+    parameters: Mapping[str, str]      # every string parameter of the live config
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """The GPU(s) the model runs on. Any field may be None: that part has no data."""
+
+    at_s: float
+    utilization_ratio: float | None     # 0..1; the busiest of the model's GPUs
+    memory_used_bytes: int | None       # of the GPU with the least memory free
+    memory_total_bytes: int | None
+
+    @property
+    def memory_free_bytes(self) -> int | None:
+        if self.memory_used_bytes is None or self.memory_total_bytes is None:
+            return None
+        return self.memory_total_bytes - self.memory_used_bytes
+
+
+@dataclass(frozen=True)
+class ReloadRecord:
+    """The model's most recent finished reload (whatever started it)."""
+
+    finished_s: float
+    duration_s: float   # from the load request to verified (or failed)
+    ok: bool
+    instances: int      # what it tried to load
+    profile: str
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Everything `decide` may look at for one model at one tick."""
+
+    now_s: float
+    inflight: InflightSample | None
+    config: LiveConfig | None
+    triton: TritonSample | None = None
+    gpu: GpuSample | None = None        # None: no GPU data (e.g. a CPU-only Triton)
+    reload_pending: bool = False        # a reload of this model is in flight
+    last_reload: ReloadRecord | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers for the sources: cumulative counters -> samples (pure)
+
+def inflight_sample(prev: ModelSnapshot | None, prev_s: float, cur: ModelSnapshot | None,
+                    now_s: float) -> InflightSample | None:
+    """The window between two snapshots of one model's proxy statistics.
+
+    `inflight_max` is the snapshot's peak, which means "over the window" when the caller
+    takes its snapshots with reset_peaks=True. A model the proxy has not seen yet has no
+    traffic (zeros), which is data; one first seen inside the window (prev None, cur set)
+    started from zero there. None only when time did not advance.
+    """
+    window_s = now_s - prev_s
+    if window_s <= 0:
+        return None
+    if cur is None:
+        return InflightSample(at_s=now_s, window_s=window_s, inflight_now=0, inflight_mean=0.0,
+                              inflight_max=0, request_rate_per_s=0.0, latency_p95_s=None)
+    base_seconds = prev.inflight_seconds if prev is not None else 0.0
+    base_started = prev.started_total if prev is not None else 0
+    base_buckets = prev.latency_bucket_counts if prev is not None else (0,) * len(cur.latency_bucket_counts)
+    window_buckets = tuple(c - b for c, b in zip(cur.latency_bucket_counts, base_buckets))
+    return InflightSample(
+        at_s=now_s, window_s=window_s, inflight_now=cur.inflight,
+        inflight_mean=max(0.0, (cur.inflight_seconds - base_seconds) / window_s),
+        inflight_max=cur.inflight_peak,
+        request_rate_per_s=(cur.started_total - base_started) / window_s,
+        latency_p95_s=quantile_from_buckets(window_buckets, 0.95),
+    )
+
+
+@dataclass(frozen=True)
+class TritonCounters:
+    """Cumulative inference statistics of one model, as Triton's ModelStatistics has them."""
+
+    success_count: int
+    fail_count: int
+    queue_ns: int           # inference_stats.queue.ns
+    compute_infer_ns: int   # inference_stats.compute_infer.ns
+
+
+def triton_sample(prev: TritonCounters | None, cur: TritonCounters, prev_s: float,
+                  now_s: float) -> TritonSample | None:
+    """Deltas between two reads. A full reload restarts Triton's counters at zero: when
+    any counter went down, the current values are the delta since the restart."""
+    window_s = now_s - prev_s
+    if prev is None or window_s <= 0:
+        return None
+    reset = (cur.success_count < prev.success_count or cur.fail_count < prev.fail_count
+             or cur.queue_ns < prev.queue_ns or cur.compute_infer_ns < prev.compute_infer_ns)
+    base = TritonCounters(0, 0, 0, 0) if reset else prev
+    success = cur.success_count - base.success_count
+    return TritonSample(
+        at_s=now_s, window_s=window_s, success_count=success,
+        fail_count=cur.fail_count - base.fail_count,
+        queue_ns_per_request=(cur.queue_ns - base.queue_ns) / success if success else None,
+        compute_infer_ns_per_request=(cur.compute_infer_ns - base.compute_infer_ns) / success if success else None,
+    )

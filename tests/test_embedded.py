@@ -405,6 +405,35 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             os.killpg(server_pid, signal.SIGKILL)
 
 
+@pytest.mark.triton
+def test_cli_sigterm_while_starting_stops_what_it_began(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model("sleep", repo, lambda text: text.replace('string_value: "0"', 'string_value: "60000"'))
+    log_file = tmp_path / "cli-triton.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tritonpilot", "triton", "--model-repository", str(repo), "--log-file", str(log_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # Loading has begun (the model's initialize() now sleeps 60 s).
+        while not (log_file.exists() and "loading: sleep" in log_file.read_text(errors="replace")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        assert "interrupted" in (proc.stderr.read() if proc.stderr else "")
+        assert processes_mentioning(str(repo)) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # --------------------------------------------------------------------------- no server needed
 
 

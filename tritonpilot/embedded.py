@@ -37,6 +37,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 import structlog
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from tritonpilot.ports import free_port
 
@@ -437,6 +439,9 @@ class EmbeddedTriton:
                 if attempt == attempts or reason is None:
                     raise
                 log.warning("triton_start_retry", attempt=attempt, reason=reason, ports=dict(self._ports))
+            except BaseException:  # Ctrl-C while waiting: `with` never reaches __exit__ from __enter__
+                self.stop()
+                raise
         raise AssertionError("unreachable")
 
     def _spawn(self, backends: Path) -> None:
@@ -487,8 +492,6 @@ class EmbeddedTriton:
         TritonStartError with the log tail when the process exits first or the
         time runs out; never blocks past the timeout.
         """
-        import tritonclient.grpc as grpcclient  # noqa: PLC0415 (grpc is only needed from here on)
-
         timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         client = grpcclient.InferenceServerClient(self.grpc_url)
@@ -516,14 +519,12 @@ class EmbeddedTriton:
         finally:
             client.close()
 
-    def _is_ready(self, client: object, probe_timeout_s: float) -> bool:
-        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
-
+    def _is_ready(self, client: grpcclient.InferenceServerClient, probe_timeout_s: float) -> bool:
         try:
-            if not client.is_server_ready(client_timeout=probe_timeout_s):  # type: ignore[attr-defined]
+            if not client.is_server_ready(client_timeout=probe_timeout_s):
                 return False
             for name in self.load_models:
-                if not client.is_model_ready(name, client_timeout=probe_timeout_s):  # type: ignore[attr-defined]
+                if not client.is_model_ready(name, client_timeout=probe_timeout_s):
                     return False
         except InferenceServerException:
             return False  # not listening yet
@@ -646,9 +647,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start Triton, print where it is, serve until Ctrl-C or SIGTERM, stop cleanly."""
     stop_requested = threading.Event()
+    starting = True
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         stop_requested.set()
+        if starting:  # break out of the wait for READY; start() then stops what it began
+            raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -663,6 +667,7 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
         )
         with triton:
+            starting = False
             print(f"tritonserver pid {triton.pid} ready, models: {', '.join(triton.load_models) or '(none)'}")
             print(f"  grpc     {triton.grpc_url}")
             print(f"  http     {triton.http_url}")
@@ -678,6 +683,9 @@ def run(args: argparse.Namespace) -> int:
     except EmbeddedTritonError as error:
         print(f"tritonpilot triton: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted before tritonserver was ready; stopped.", file=sys.stderr)
+        return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

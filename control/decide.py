@@ -136,6 +136,8 @@ class Decision:
 
 
 def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple[Decision, State]:
+    """One model's decision at `signals.now_s` and the state for its next tick (the
+    module docstring has the rules, in the order they apply here)."""
     now_s = signals.now_s
     numbers = _signal_numbers(signals, policy, state)
     config = _fresh(signals.config, now_s, policy.max_signal_age_s)
@@ -157,22 +159,22 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
         return _decision(policy, now_s, action, reason, config, load.desired, current, None, numbers), state
 
     if signals.reload_pending:
-        return _blocked(policy, now_s, Reason.RELOAD_PENDING, config, load.desired, numbers, reason), state
+        return _blocked(policy, now_s, Reason.RELOAD_PENDING, config, load.desired, numbers, reason, target), state
     cooldown_left_s = _cooldown_end_s(signals, policy, state) - now_s
     if cooldown_left_s > 0:
         numbers["cooldown_left_s"] = cooldown_left_s
-        return _blocked(policy, now_s, Reason.COOLDOWN, config, load.desired, numbers, reason), state
+        return _blocked(policy, now_s, Reason.COOLDOWN, config, load.desired, numbers, reason, target), state
 
     stepped = _step(current, target, policy.max_step)
     if stepped != target:
         numbers["limited_by"] = "max_step"
     # min_instances is the operator's floor, so only load-driven growth waits for the GPU.
     if stepped > current and reason is not Reason.BELOW_MIN and _gpu_bound(signals.gpu, now_s, policy):
-        return _blocked(policy, now_s, Reason.GPU_BOUND, config, load.desired, numbers, reason), state
+        return _blocked(policy, now_s, Reason.GPU_BOUND, config, load.desired, numbers, reason, stepped), state
 
     plan = _plan(current, stepped, config, signals, policy, state, numbers)
     if isinstance(plan, Reason):
-        return _blocked(policy, now_s, plan, config, load.desired, numbers, reason), state
+        return _blocked(policy, now_s, plan, config, load.desired, numbers, reason, stepped), state
     decided, strategy = plan
     decision = _decision(policy, now_s, action, reason, config, load.desired, decided, strategy, numbers)
     new_state = replace(state, changed_at_s=now_s)
@@ -241,12 +243,16 @@ def _track(state: State, load: _Load, current: int, now_s: float) -> State:
     up = load.above_band and load.desired > current
     panic = up and load.panic
     down = load.desired < current
+    # The peak belongs to a running streak, and only while it is below the current count
+    # (a count changed by someone else makes an old peak meaningless).
+    peak = state.down_peak_instances if state.down_since_s is not None else None
+    peak = peak if peak is not None and peak < current else None
     return replace(
         state,
         up_since_s=_since(state.up_since_s, up, now_s),
         panic_since_s=_since(state.panic_since_s, panic, now_s),
         down_since_s=_since(state.down_since_s, down, now_s),
-        down_peak_instances=max(state.down_peak_instances or 0, load.desired) if down else None,
+        down_peak_instances=max(peak or 0, load.desired) if down else None,
     )
 
 
@@ -388,8 +394,10 @@ def _decision(policy: ResolvedModelPolicy, now_s: float, action: Action, reason:
 
 
 def _blocked(policy: ResolvedModelPolicy, now_s: float, reason: Reason, config: LiveConfig, desired: int,
-             numbers: dict[str, Number], wanted: Reason) -> Decision:
+             numbers: dict[str, Number], wanted: Reason, wanted_instances: int) -> Decision:
+    """A wanted change refused: the numbers keep what was wanted and why."""
     numbers["wanted"] = str(wanted)
+    numbers["wanted_instances"] = wanted_instances
     return _decision(policy, now_s, Action.BLOCKED, reason, config, desired, config.instances, None, numbers)
 
 

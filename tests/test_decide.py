@@ -1,0 +1,521 @@
+"""The decision core, as timelines (Knative-style `expect(at=, load=, want=)`) and as
+Hypothesis properties. No clock, no sleeping: time is `now_s` in the signals."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from control.decide import Action, Decision, Reason, State, decide, observe_reload
+from control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy
+from control.signals import GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals
+
+GIB = 1 << 30
+SINGLE = {"INFERENCE_MODE": "true"}
+MULTI = {"INFERENCE_MODE": "true", "DISABLE_OPTIMIZED_EXECUTION": "true"}
+
+POLICY = ResolvedModelPolicy(
+    model="m", min_instances=1, max_instances=4, target_inflight_per_instance=1.0, tolerance_ratio=0.25,
+    scale_up_delay_s=5.0, scale_down_delay_s=60.0, panic_threshold_ratio=2.0, panic_window_s=1.0,
+    max_step=4, cooldown_s=10.0, gpu_utilization_ceiling_ratio=0.95, gpu_memory_headroom_ratio=0.1,
+    gpu_memory_headroom_bytes=0, profiles=BUILTIN_PROFILES, reload_strategy="full",
+    failed_config_backoff_s=300.0, max_signal_age_s=5.0,
+)
+
+Load = float | Callable[[int], float] | None  # in flight; a function of the live count; None: no data
+
+
+@dataclass
+class Sim:
+    """The loop around `decide`, with a fake Triton whose reloads take reload_s."""
+
+    policy: ResolvedModelPolicy = POLICY
+    instances: int = 1
+    parameters: dict[str, str] | None = None  # default: the profile for `instances`
+    reload_s: float = 3.0
+    interval_s: float = 1.0
+    gpu: GpuSample | None = None
+    fail_reloads: bool = False
+    now_s: float = 0.0
+    state: State = field(default_factory=State)
+    last_reload: ReloadRecord | None = None
+    decisions: list[Decision] = field(default_factory=list)
+    _pending: tuple[float, int, Profile] | None = None
+
+    def __post_init__(self) -> None:
+        if self.parameters is None:
+            self.parameters = dict(self.policy.profile_for(self.instances).parameters)
+
+    def tick(self, load: Load) -> Decision:
+        self._finish_reload()
+        inflight_mean = load(self.instances) if callable(load) else load
+        inflight = None if inflight_mean is None else InflightSample(
+            at_s=self.now_s, window_s=self.interval_s, inflight_now=round(inflight_mean),
+            inflight_mean=inflight_mean, inflight_max=math.ceil(inflight_mean))
+        gpu = replace(self.gpu, at_s=self.now_s) if self.gpu is not None else None
+        signals = Signals(now_s=self.now_s, inflight=inflight,
+                          config=LiveConfig(self.now_s, self.instances, dict(self.parameters)),
+                          gpu=gpu, reload_pending=self._pending is not None, last_reload=self.last_reload)
+        decision, self.state = decide(signals, self.policy, self.state)
+        if decision.changes:
+            assert self._pending is None, "decided a change while a reload was pending"
+            self._pending = (self.now_s + self.reload_s, decision.decided_instances, decision.profile)
+        self.decisions.append(decision)
+        return decision
+
+    def _finish_reload(self) -> None:
+        if self._pending is None or self._pending[0] > self.now_s:
+            return
+        finished_s, count, profile = self._pending
+        self._pending = None
+        if not self.fail_reloads:
+            self.instances = count
+            self.parameters = self.policy.apply_profile(self.parameters, profile)
+        self.last_reload = ReloadRecord(finished_s=finished_s, duration_s=self.reload_s, ok=not self.fail_reloads,
+                                        instances=count, profile=profile.name)
+
+    def run(self, until: float, load: Load) -> Decision:
+        """Tick every interval from now through `until` (inclusive) at this load."""
+        decision = None
+        while self.now_s <= until + 1e-9:
+            decision = self.tick(load)
+            self.now_s += self.interval_s
+        assert decision is not None, f"no tick left before {until}"
+        return decision
+
+    def expect(self, at: float, load: Load, want: int, action: Action | None = None,
+               reason: Reason | None = None) -> Decision:
+        decision = self.run(at, load)
+        assert decision.decided_instances == want, (at, decision)
+        if action is not None:
+            assert decision.action is action, (at, decision)
+        if reason is not None:
+            assert decision.reason is reason, (at, decision)
+        return decision
+
+    def changes(self) -> list[Decision]:
+        return [d for d in self.decisions if d.changes]
+
+
+def policy(**overrides: object) -> ResolvedModelPolicy:
+    return replace(POLICY, **overrides)
+
+
+# --- timelines ---------------------------------------------------------------------------
+
+def test_steady_load_inside_the_band_holds_for_good() -> None:
+    sim = Sim(instances=1)
+    sim.expect(at=0, load=1.0, want=1, action=Action.HOLD, reason=Reason.WITHIN_BAND)
+    sim.expect(at=600, load=1.2, want=1, reason=Reason.WITHIN_BAND)  # 1.2 <= 1 x 1.25: tolerated
+    assert sim.changes() == []
+
+
+def test_a_step_to_8_in_flight_panics_up_to_max_at_once_with_the_multi_profile() -> None:
+    sim = Sim(instances=1)
+    sim.expect(at=0, load=8.0, want=1, action=Action.HOLD, reason=Reason.WAITING_UP_DELAY)
+    d = sim.expect(at=1, load=8.0, want=4, action=Action.PANIC_UP, reason=Reason.PANIC)  # panic_window_s = 1
+    assert d.profile.name == "multi" and d.profile.parameters == MULTI and d.strategy == "full"
+    assert d.numbers["panic_at_inflight"] == 2.0 and d.numbers["ideal_instances"] == 8.0
+    sim.expect(at=2, load=8.0, want=1, action=Action.BLOCKED, reason=Reason.RELOAD_PENDING)
+    sim.expect(at=5, load=8.0, want=4, reason=Reason.AT_MAX)  # reload finished at 4: Triton runs 4
+    assert sim.parameters == MULTI
+
+
+def test_an_excess_below_panic_scales_up_only_after_scale_up_delay() -> None:
+    sim = Sim(instances=2)
+    # 3 in flight on 2 instances: above 2 x 1.25, below the panic line of 4.
+    sim.expect(at=4, load=3.0, want=2, action=Action.HOLD, reason=Reason.WAITING_UP_DELAY)
+    d = sim.expect(at=5, load=3.0, want=3, action=Action.SCALE_UP, reason=Reason.INFLIGHT_ABOVE_TARGET)
+    assert d.numbers["up_for_s"] == 5.0 and d.current_instances == 2 and d.desired_instances == 3
+
+
+def test_an_excess_that_stops_restarts_the_up_delay() -> None:
+    sim = Sim(instances=2)
+    sim.run(until=3, load=3.0)
+    sim.expect(at=4, load=2.0, want=2, reason=Reason.WITHIN_BAND)
+    sim.expect(at=9, load=3.0, want=2, reason=Reason.WAITING_UP_DELAY)  # only 5 s of a new excess at 10
+    sim.expect(at=10, load=3.0, want=3, action=Action.SCALE_UP)
+
+
+def test_scale_down_waits_scale_down_delay_and_returns_to_the_single_profile() -> None:
+    sim = Sim(instances=4)
+    sim.expect(at=59, load=1.0, want=4, action=Action.HOLD, reason=Reason.WAITING_DOWN_DELAY)
+    d = sim.expect(at=60, load=1.0, want=1, action=Action.SCALE_DOWN, reason=Reason.INFLIGHT_BELOW_TARGET)
+    assert d.profile.name == "single" and d.profile.parameters == SINGLE
+    sim.expect(at=120, load=1.0, want=1, reason=Reason.WITHIN_BAND)
+    assert sim.parameters == SINGLE  # DISABLE_OPTIMIZED_EXECUTION removed, not left behind
+
+
+def test_scale_down_goes_to_the_highest_need_seen_during_the_delay() -> None:
+    sim = Sim(instances=4)
+    sim.run(until=29, load=1.0)
+    sim.run(until=39, load=2.0)  # still below 4's band: the streak goes on, peak 2
+    sim.expect(at=60, load=1.0, want=2, action=Action.SCALE_DOWN)
+
+
+def test_a_return_into_the_band_restarts_the_down_delay() -> None:
+    sim = Sim(instances=4)
+    sim.run(until=49, load=1.0)
+    sim.run(until=50, load=3.5)  # n - 1 = 3 < 3.5: 4 instances are needed again
+    sim.expect(at=110, load=1.0, want=4, reason=Reason.WAITING_DOWN_DELAY)
+    sim.expect(at=111, load=1.0, want=1, action=Action.SCALE_DOWN)
+
+
+def test_after_a_change_further_changes_wait_for_the_cooldown() -> None:
+    sim = Sim(instances=1, policy=policy(max_step=1, cooldown_s=10.0), reload_s=3.0)
+    sim.expect(at=1, load=8.0, want=2, action=Action.PANIC_UP)
+    sim.expect(at=3, load=8.0, want=1, reason=Reason.RELOAD_PENDING)
+    # The reload finished at 4; quiet until 4 + max(10, 3) = 14.
+    d = sim.expect(at=13, load=8.0, want=2, action=Action.BLOCKED, reason=Reason.COOLDOWN)
+    assert d.numbers["cooldown_left_s"] == 1.0 and d.numbers["wanted"] == "panic"
+    sim.expect(at=14, load=8.0, want=3, action=Action.PANIC_UP)
+
+
+def test_the_cooldown_is_at_least_the_last_measured_reload_time() -> None:
+    sim = Sim(instances=1, policy=policy(max_step=1, cooldown_s=5.0), reload_s=20.0)
+    sim.expect(at=1, load=8.0, want=2, action=Action.PANIC_UP)
+    # Reload finished at 21 and took 20 s: quiet until 41, not 26.
+    sim.expect(at=40, load=8.0, want=2, reason=Reason.COOLDOWN)
+    sim.expect(at=41, load=8.0, want=3, action=Action.PANIC_UP)
+
+
+def test_max_step_limits_each_decision() -> None:
+    sim = Sim(instances=1, policy=policy(max_step=2, max_instances=8))
+    d = sim.expect(at=1, load=8.0, want=3, action=Action.PANIC_UP)
+    assert d.desired_instances == 8 and d.numbers["limited_by"] == "max_step"
+
+
+def test_no_data_holds_and_restarts_the_delays() -> None:
+    sim = Sim(instances=2)
+    sim.run(until=3, load=3.0)
+    d = sim.expect(at=4, load=None, want=2, action=Action.HOLD, reason=Reason.NO_DATA)
+    assert d.numbers["missing"] == "inflight"
+    sim.expect(at=9, load=3.0, want=2, reason=Reason.WAITING_UP_DELAY)
+    sim.expect(at=10, load=3.0, want=3, action=Action.SCALE_UP)
+
+
+def test_stale_signals_are_no_data() -> None:
+    stale = InflightSample(at_s=0.0, window_s=1.0, inflight_now=8, inflight_mean=8.0, inflight_max=8)
+    config = LiveConfig(at_s=10.0, instances=1, parameters=SINGLE)
+    d, _ = decide(Signals(now_s=10.0, inflight=stale, config=config), POLICY, State())
+    assert (d.action, d.reason, d.decided_instances) == (Action.HOLD, Reason.NO_DATA, 1)
+    d, _ = decide(Signals(now_s=10.0, inflight=replace(stale, at_s=10.0), config=replace(config, at_s=1.0)),
+                  POLICY, State())
+    assert (d.action, d.reason, d.decided_instances, d.numbers["missing"]) == (
+        Action.HOLD, Reason.NO_DATA, None, "config")
+
+
+def test_a_live_profile_that_differs_from_the_counts_profile_is_one_reprofile() -> None:
+    sim = Sim(instances=2, parameters={"INFERENCE_MODE": "true", "OTHER": "kept"})
+    d = sim.expect(at=0, load=2.0, want=2, action=Action.REPROFILE, reason=Reason.PROFILE_MISMATCH)
+    assert d.current_profile == "single" and d.profile.name == "multi" and d.strategy == "full"
+    sim.run(until=30, load=2.0)
+    assert sim.parameters == {**MULTI, "OTHER": "kept"}
+    assert len(sim.changes()) == 1
+
+
+def test_a_count_and_profile_change_is_one_decision() -> None:
+    sim = Sim(instances=1)
+    sim.run(until=1, load=3.0)
+    sim.run(until=20, load=3.0)
+    assert [(d.decided_instances, d.profile.name) for d in sim.changes()] == [(3, "multi")]
+    assert (sim.instances, sim.parameters) == (3, MULTI)
+
+
+def test_counts_outside_min_max_are_corrected_at_once() -> None:
+    sim = Sim(instances=6, parameters=MULTI)
+    sim.expect(at=0, load=6.0, want=4, action=Action.SCALE_DOWN, reason=Reason.ABOVE_MAX)
+    sim = Sim(instances=1, policy=policy(min_instances=2))
+    sim.expect(at=0, load=0.0, want=2, action=Action.SCALE_UP, reason=Reason.BELOW_MIN)
+
+
+def test_gpu_bound_blocks_new_instances() -> None:
+    gpu = GpuSample(at_s=0.0, utilization_ratio=0.97, memory_used_bytes=10 * GIB, memory_total_bytes=80 * GIB)
+    sim = Sim(instances=1, gpu=gpu)
+    d = sim.expect(at=1, load=8.0, want=1, action=Action.BLOCKED, reason=Reason.GPU_BOUND)
+    assert d.numbers["gpu_utilization_ratio"] == 0.97
+    sim.gpu = replace(gpu, utilization_ratio=0.5)
+    sim.expect(at=2, load=8.0, want=4, action=Action.PANIC_UP)
+
+
+def test_gpu_bound_does_not_stop_a_scale_down() -> None:
+    gpu = GpuSample(at_s=0.0, utilization_ratio=1.0, memory_used_bytes=None, memory_total_bytes=None)
+    sim = Sim(instances=4, gpu=gpu)
+    sim.expect(at=60, load=1.0, want=1, action=Action.SCALE_DOWN)
+
+
+def test_memory_headroom_limits_a_full_reload_to_what_fits_twice() -> None:
+    # 80 GiB, 40 used, 10% headroom: 32 GiB may be added; a full reload to n adds n x 10 GiB.
+    gpu = GpuSample(at_s=0.0, utilization_ratio=0.5, memory_used_bytes=40 * GIB, memory_total_bytes=80 * GIB)
+    sim = Sim(instances=1, gpu=gpu, state=State(memory_per_instance_bytes=10 * GIB))
+    d = sim.expect(at=1, load=8.0, want=3, action=Action.PANIC_UP)
+    assert d.strategy == "full" and d.numbers["limited_by"] == "memory-headroom"
+
+
+def test_auto_strategy_takes_an_in_place_update_where_two_copies_do_not_fit() -> None:
+    gpu = GpuSample(at_s=0.0, utilization_ratio=0.5, memory_used_bytes=40 * GIB, memory_total_bytes=80 * GIB)
+    pol = policy(reload_strategy="auto", profiles=(Profile(name="any", instances=(1, None), parameters=SINGLE),))
+    sim = Sim(instances=1, gpu=gpu, policy=pol, state=State(memory_per_instance_bytes=10 * GIB))
+    d = sim.expect(at=1, load=8.0, want=4, action=Action.PANIC_UP)
+    assert d.strategy == "update"  # adds 3 x 10 GiB in place; a full reload would add 40
+    sim2 = Sim(instances=1, gpu=replace(gpu, memory_used_bytes=10 * GIB), policy=pol,
+               state=State(memory_per_instance_bytes=10 * GIB))
+    assert sim2.expect(at=1, load=8.0, want=4).strategy == "full"  # two copies fit: full
+
+
+def test_a_profile_change_needs_a_full_reload_so_memory_can_block_it() -> None:
+    gpu = GpuSample(at_s=0.0, utilization_ratio=0.5, memory_used_bytes=70 * GIB, memory_total_bytes=80 * GIB)
+    sim = Sim(instances=1, gpu=gpu, parameters={}, state=State(memory_per_instance_bytes=10 * GIB),
+              policy=policy(reload_strategy="auto"))
+    sim.expect(at=0, load=1.0, want=1, action=Action.BLOCKED, reason=Reason.MEMORY_HEADROOM)
+
+
+def test_without_learned_memory_only_todays_headroom_is_checked() -> None:
+    full = GpuSample(at_s=0.0, utilization_ratio=0.5, memory_used_bytes=75 * GIB, memory_total_bytes=80 * GIB)
+    sim = Sim(instances=1, gpu=full)
+    sim.expect(at=1, load=8.0, want=1, action=Action.BLOCKED, reason=Reason.MEMORY_HEADROOM)
+    sim.gpu = replace(full, memory_used_bytes=40 * GIB)
+    sim.expect(at=2, load=8.0, want=4, action=Action.PANIC_UP)
+
+
+def test_an_in_place_scale_down_is_never_blocked_by_memory() -> None:
+    gpu = GpuSample(at_s=0.0, utilization_ratio=0.5, memory_used_bytes=79 * GIB, memory_total_bytes=80 * GIB)
+    pol = policy(reload_strategy="auto", profiles=(Profile(name="any", instances=(1, None), parameters=SINGLE),))
+    sim = Sim(instances=4, gpu=gpu, policy=pol, state=State(memory_per_instance_bytes=10 * GIB))
+    assert sim.expect(at=60, load=1.0, want=1, action=Action.SCALE_DOWN).strategy == "update"
+
+
+def test_a_config_that_failed_is_skipped_during_the_backoff() -> None:
+    failed = ReloadRecord(finished_s=-100.0, duration_s=3.0, ok=False, instances=4, profile="multi")
+    sim = Sim(instances=1)
+    sim.last_reload = failed  # 100 s ago: past its cooldown, inside its backoff
+    d = sim.expect(at=1, load=8.0, want=3, action=Action.PANIC_UP)  # 4 failed: the next count toward 1
+    assert d.numbers["limited_by"] == "failed-config-backoff"
+
+
+def test_a_reprofile_that_failed_is_blocked_until_the_backoff_ends() -> None:
+    sim = Sim(instances=2, parameters={}, fail_reloads=True, policy=policy(failed_config_backoff_s=100.0))
+    sim.expect(at=0, load=2.0, want=2, action=Action.REPROFILE)
+    sim.expect(at=50, load=2.0, want=2, action=Action.BLOCKED, reason=Reason.FAILED_CONFIG_BACKOFF)
+    sim.expect(at=103, load=2.0, want=2, action=Action.REPROFILE)  # failed at 3, retried at 103
+
+
+def test_in_band_queueing_at_the_lower_count_does_not_flap() -> None:
+    # Open-loop load of 2.8 busy instances: at 3 instances queueing lifts in-flight to 3.6
+    # (inside 3's band), at 4 it is 2.9. Both are fixed points; nothing moves.
+    def inflight(n: int) -> float:
+        return {1: 20.0, 2: 12.0, 3: 3.6, 4: 2.9}[n]
+
+    sim = Sim(instances=3)
+    sim.run(until=1200, load=inflight)
+    assert sim.changes() == [] and sim.instances == 3
+
+
+def test_the_issue_e2e_shape_1_then_8_then_1_in_flight() -> None:
+    sim = Sim(instances=1)
+    sim.run(until=59, load=1.0)
+    assert sim.changes() == []
+    sim.run(until=80, load=8.0)  # step up at 60
+    assert sim.instances >= 3 and sim.parameters == MULTI
+    assert sim.changes()[0].now_s - 60 <= 5
+    sim.run(until=200, load=1.0)  # step down at 81
+    assert sim.instances == 1 and sim.parameters == SINGLE
+    assert [d.action for d in sim.changes()] == [Action.PANIC_UP, Action.SCALE_DOWN]
+
+
+def test_observe_reload_learns_memory_per_instance() -> None:
+    s = observe_reload(State(), 10 * GIB, 30 * GIB, instances_before=1, instances_after=3)
+    assert s.memory_per_instance_bytes == 10 * GIB
+    s = observe_reload(s, 10 * GIB, 30 * GIB, instances_before=3, instances_after=2)  # went the wrong way
+    assert s.memory_per_instance_bytes == 10 * GIB
+    s = observe_reload(s, 30 * GIB, 18 * GIB, instances_before=3, instances_after=2)  # 12 GiB freed
+    assert s.memory_per_instance_bytes == 11 * GIB  # averaged with the old 10
+    assert observe_reload(s, None, 5, 1, 2) == s and observe_reload(s, 1, 5, 2, 2) == s
+
+
+def test_decisions_carry_the_numbers_behind_them() -> None:
+    d = Sim(instances=2).tick(3.0)
+    for key in ("inflight_mean", "inflight_max", "ideal_instances", "capacity_inflight",
+                "scale_up_above_inflight", "scale_down_at_or_below_inflight", "panic_at_inflight", "up_for_s"):
+        assert key in d.numbers, key
+    assert d.numbers["gpu"] == "no-data"
+
+
+# --- properties --------------------------------------------------------------------------
+
+@st.composite
+def policies(draw: st.DrawFn) -> ResolvedModelPolicy:
+    lo = draw(st.integers(1, 4))
+    hi = draw(st.integers(lo, 8))
+    return replace(
+        POLICY, min_instances=lo, max_instances=hi,
+        target_inflight_per_instance=draw(st.sampled_from([0.5, 1.0, 2.0, 3.0])),
+        tolerance_ratio=draw(st.sampled_from([0.0, 0.1, 0.25, 0.5])),
+        scale_up_delay_s=draw(st.sampled_from([0.0, 3.0, 5.0])),
+        scale_down_delay_s=draw(st.sampled_from([0.0, 10.0, 60.0])),
+        panic_window_s=draw(st.sampled_from([0.0, 1.0, 3.0])),
+        max_step=draw(st.integers(1, 4)),
+        cooldown_s=draw(st.sampled_from([0.0, 5.0, 10.0])),
+        reload_strategy=draw(st.sampled_from(["full", "update", "auto"])),
+    )
+
+
+loads = st.one_of(st.none(), st.floats(0.0, 40.0, allow_nan=False))
+# TRITONPILOT_EXAMPLES=5000 for a deeper search than the suite's default.
+PROPERTY_SETTINGS = settings(max_examples=int(os.environ.get("TRITONPILOT_EXAMPLES", "150")), deadline=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(pol=policies(), start=st.integers(1, 8), steps=st.lists(st.tuples(loads, st.integers(1, 40)), max_size=8),
+       reload_s=st.sampled_from([0.5, 3.0, 20.0]))
+def test_counts_always_stay_within_min_max(pol: ResolvedModelPolicy, start: int,
+                                           steps: list[tuple[float | None, int]], reload_s: float) -> None:
+    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s)
+    for load, seconds in steps:
+        sim.run(until=sim.now_s + seconds, load=load)
+    for d in sim.decisions:
+        assert pol.min_instances <= d.current_instances <= pol.max_instances
+        assert pol.min_instances <= d.decided_instances <= pol.max_instances
+    assert pol.min_instances <= sim.instances <= pol.max_instances
+
+
+@PROPERTY_SETTINGS
+@given(pol=policies(), start=st.integers(1, 8), steps=st.lists(st.tuples(loads, st.integers(1, 40)), max_size=8),
+       reload_s=st.sampled_from([0.5, 3.0, 20.0]))
+def test_no_change_inside_a_cooldown(pol: ResolvedModelPolicy, start: int,
+                                     steps: list[tuple[float | None, int]], reload_s: float) -> None:
+    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s)
+    for load, seconds in steps:
+        sim.run(until=sim.now_s + seconds, load=load)
+    times = [d.now_s for d in sim.changes()]
+    for earlier, later in zip(times, times[1:]):
+        # The reload itself (pending) plus a cooldown of at least max(cooldown_s, reload_s) after it.
+        assert later - earlier >= reload_s + max(pol.cooldown_s, reload_s) - 1e-9
+
+
+@PROPERTY_SETTINGS
+@given(pol=policies(), changed_ago_s=st.floats(0.0, 9.99), load=st.floats(0.0, 40.0),
+       current=st.integers(1, 8), state=st.builds(State, up_since_s=st.sampled_from([None, -100.0]),
+                                                   down_since_s=st.sampled_from([None, -100.0]),
+                                                   panic_since_s=st.sampled_from([None, -100.0])))
+def test_a_decision_inside_the_cooldown_never_changes_anything(
+        pol: ResolvedModelPolicy, changed_ago_s: float, load: float, current: int, state: State) -> None:
+    pol = replace(pol, cooldown_s=10.0)
+    signals = Signals(now_s=0.0, inflight=InflightSample(0.0, 1.0, int(load), load, int(load) + 1),
+                      config=LiveConfig(0.0, current, {}))
+    decision, _ = decide(signals, pol, replace(state, changed_at_s=-changed_ago_s))
+    assert not decision.changes
+    assert decision.decided_instances == current
+
+
+@PROPERTY_SETTINGS
+@given(pol=policies(), start=st.integers(1, 8), load=st.floats(0.0, 40.0), reload_s=st.sampled_from([0.5, 3.0, 20.0]))
+def test_constant_load_reaches_a_fixed_point_without_flapping(
+        pol: ResolvedModelPolicy, start: int, load: float, reload_s: float) -> None:
+    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s)
+    # Long enough for every move: each one takes at most a delay, a reload and a cooldown.
+    per_move_s = max(pol.scale_up_delay_s, pol.scale_down_delay_s, pol.panic_window_s) + reload_s \
+        + max(pol.cooldown_s, reload_s) + 2
+    moves = math.ceil((pol.max_instances - pol.min_instances) / pol.max_step) + 1
+    sim.run(until=per_move_s * (moves + 1), load=load)
+    settled_at = len(sim.decisions)
+    sim.run(until=sim.now_s + per_move_s * 3, load=load)
+    tail = sim.decisions[settled_at:]
+    assert not any(d.changes for d in tail), "still changing after convergence"
+    assert len({(d.action, d.reason, d.decided_instances, d.profile.name) for d in tail}) == 1
+    counts = [d.decided_instances for d in sim.changes()]
+    directions = {(b > a) for a, b in zip([sim.decisions[0].current_instances] + counts, counts) if a != b}
+    assert len(directions) <= 1, f"moved both ways under constant load: {counts}"
+
+
+@st.composite
+def situations(draw: st.DrawFn) -> tuple[ResolvedModelPolicy, State, Signals]:
+    """Any policy, history and signals with fresh data (the load is set by the test)."""
+    pol = draw(policies())
+    now = 1000.0
+    past = st.one_of(st.none(), st.floats(now - 200.0, now))
+    state = State(
+        up_since_s=draw(past), down_since_s=draw(past),
+        down_peak_instances=draw(st.one_of(st.none(), st.integers(1, 8))),
+        panic_since_s=draw(past), changed_at_s=draw(past),
+        memory_per_instance_bytes=draw(st.one_of(st.none(), st.sampled_from([1.0 * GIB, 10.0 * GIB]))))
+    gpu = draw(st.one_of(st.none(), st.builds(
+        GpuSample, at_s=st.just(now), utilization_ratio=st.one_of(st.none(), st.floats(0.0, 1.0)),
+        memory_used_bytes=st.sampled_from([None, 10 * GIB, 40 * GIB, 75 * GIB]),
+        memory_total_bytes=st.just(80 * GIB))))
+    last = draw(st.one_of(st.none(), st.builds(
+        ReloadRecord, finished_s=st.floats(now - 400.0, now), duration_s=st.floats(0.1, 30.0), ok=st.booleans(),
+        instances=st.integers(1, 8), profile=st.sampled_from(["single", "multi"]))))
+    current = draw(st.integers(1, 9))
+    params = draw(st.sampled_from([SINGLE, MULTI, {}]))
+    signals = Signals(now_s=now, inflight=None, config=LiveConfig(now, current, params), gpu=gpu,
+                      reload_pending=draw(st.booleans()), last_reload=last)
+    return pol, state, signals
+
+
+def with_load(signals: Signals, load: float) -> Signals:
+    return replace(signals, inflight=InflightSample(signals.now_s, 1.0, round(load), load, math.ceil(load)))
+
+
+@PROPERTY_SETTINGS
+@given(situation=situations(), low=st.floats(0.0, 40.0), extra=st.floats(0.0, 40.0))
+def test_more_load_never_gives_fewer_instances(situation: tuple[ResolvedModelPolicy, State, Signals],
+                                               low: float, extra: float) -> None:
+    pol, state, signals = situation
+    less, _ = decide(with_load(signals, low), pol, state)
+    more, _ = decide(with_load(signals, low + extra), pol, state)
+    assert more.decided_instances >= less.decided_instances, (less, more)
+
+
+@PROPERTY_SETTINGS
+@given(situation=situations(), load=st.floats(0.0, 40.0), missing=st.sampled_from(["inflight", "stale", "config"]))
+def test_no_data_changes_nothing(situation: tuple[ResolvedModelPolicy, State, Signals], load: float,
+                                 missing: str) -> None:
+    pol, state, signals = situation
+    signals = with_load(signals, load)
+    if missing == "inflight":
+        signals = replace(signals, inflight=None)
+    elif missing == "stale":
+        signals = replace(signals, inflight=replace(signals.inflight, at_s=signals.now_s - pol.max_signal_age_s - 1))
+    else:
+        signals = replace(signals, config=None)
+    decision, after = decide(signals, pol, state)
+    assert (decision.action, decision.reason) == (Action.HOLD, Reason.NO_DATA)
+    assert decision.decided_instances == (None if missing == "config" else signals.config.instances)
+    assert (after.changed_at_s, after.memory_per_instance_bytes) == (state.changed_at_s,
+                                                                      state.memory_per_instance_bytes)
+    assert after.up_since_s is after.down_since_s is after.panic_since_s is None
+
+
+@PROPERTY_SETTINGS
+@given(situation=situations(), load=st.floats(0.0, 40.0))
+def test_a_change_lands_in_bounds_with_the_profile_for_its_count(
+        situation: tuple[ResolvedModelPolicy, State, Signals], load: float) -> None:
+    pol, state, signals = situation
+    decision, after = decide(with_load(signals, load), pol, state)
+    assume(decision.changes)
+    current, decided = decision.current_instances, decision.decided_instances
+    if pol.min_instances <= current <= pol.max_instances:
+        assert pol.min_instances <= decided <= pol.max_instances
+    else:  # a count from outside moves toward [min, max], max_step at a time
+        assert abs(decided - pol.min_instances) < abs(current - pol.min_instances) or \
+            abs(decided - pol.max_instances) < abs(current - pol.max_instances)
+    assert abs(decision.decided_instances - decision.current_instances) <= pol.max_step
+    assert decision.profile == pol.profile_for(decision.decided_instances)
+    assert decision.strategy in ("full", "update") and after.changed_at_s == signals.now_s
+    if decision.strategy == "update":
+        assert pol.parameters_match(decision.profile, signals.config.parameters)  # flags need a full reload
+
+
+@pytest.mark.parametrize("load, want", [(0.0, 1), (1.0, 1), (2.0, 2), (2.01, 3), (7.5, 4)])
+def test_desired_is_the_count_that_holds_the_target(load: float, want: int) -> None:
+    d, _ = decide(with_load(Signals(now_s=0.0, inflight=None, config=LiveConfig(0.0, 2, MULTI)), load),
+                  POLICY, State())
+    assert d.desired_instances == want

@@ -1,0 +1,284 @@
+"""Helpers for the proxy tests: a Sidecar on its own event loop, `tritonpilot serve` as a
+process, gates that hold requests in Triton, raw gRPC and HTTP/2 clients.
+
+The fixtures that use these live in conftest.py; the tests compare what a client
+gets through the proxy with what it gets from Triton directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import uvloop
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from proxy.stats import ModelSnapshot, ProxySnapshot
+from tritonpilot.serve import Sidecar, SidecarConfig
+
+PROXY_MODELS_DIR = Path(__file__).parent / "proxy_models"
+REPO_ROOT = Path(__file__).parent.parent
+
+T = TypeVar("T")
+
+# A shared 2-core machine: wait for conditions, never for a fixed time.
+WAIT_S = 30.0
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float = WAIT_S, interval_s: float = 0.02,
+               what: str = "condition") -> T:
+    """Poll until condition() is truthy and return it; fail with `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last value {value!r})")
+        time.sleep(interval_s)
+
+
+# ------------------------------------------------------------------------------ the sidecar
+
+
+class SidecarThread:
+    """A Sidecar running on a uvloop loop in a daemon thread, on free loopback ports.
+
+    Its stats belong to its loop, so they are read there (`snapshot()`).
+    """
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="sidecar", daemon=True)
+        self.thread.start()
+
+        async def make() -> Sidecar:
+            sidecar = Sidecar(config)
+            await sidecar.start()
+            return sidecar
+
+        self.sidecar: Sidecar = self.call(make())
+        self.url = f"127.0.0.1:{self.sidecar.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.sidecar.metrics.port}"
+        self._stopped = False
+
+    def call(self, coro: Any, timeout_s: float = WAIT_S) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def snapshot(self) -> ProxySnapshot:
+        async def snap() -> ProxySnapshot:
+            return self.sidecar.stats.snapshot(time.monotonic())
+        return self.call(snap())
+
+    def model(self, name: str) -> ModelSnapshot | None:
+        return self.snapshot().models.get(name)
+
+    def inflight(self, name: str) -> int:
+        m = self.model(name)
+        return m.inflight if m is not None else 0
+
+    def finished(self, name: str) -> dict[str, int]:
+        m = self.model(name)
+        return dict(m.finished_total) if m is not None else {}
+
+    def metric(self, sample: str, **labels: str) -> float | None:
+        """One sample from /metrics, or None when it is not there."""
+        return scrape(self.metrics_url + "/metrics").get((sample, tuple(sorted(labels.items()))))
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.call(self.sidecar.shutdown(), timeout_s=self.config.grace_period_s + WAIT_S)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(WAIT_S)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+
+def sidecar_config(triton_url: str, **overrides: Any) -> SidecarConfig:
+    base: dict[str, Any] = dict(triton=triton_url, listen="127.0.0.1:0", metrics_listen="127.0.0.1:0",
+                                grace_period_s=5.0)
+    base.update(overrides)
+    return SidecarConfig(**base)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+# ------------------------------------------------------------------------------ `tritonpilot serve`
+
+
+class ServeProcess:
+    """`python -m tritonpilot serve` on free ports, JSON logs in a file."""
+
+    def __init__(self, triton_url: str, listen_port: int, metrics_port: int, log_path: Path,
+                 *extra_args: str) -> None:
+        self.port = listen_port
+        self.url = f"127.0.0.1:{listen_port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}"
+        self.log_path = log_path
+        with open(log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tritonpilot", "serve", "--triton", triton_url,
+                 "--listen", self.url, "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                 "--log-format", "json", *extra_args],
+                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+
+    def wait_serving(self) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"tritonpilot serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return http_status(self.metrics_url + "/healthz") == 200
+            except OSError:
+                return False
+        wait_until(up, what="tritonpilot serve to listen", interval_s=0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(WAIT_S)
+
+
+# ------------------------------------------------------------------------------ gates
+
+
+class Gates:
+    """Gate files for the `gate` model (tests/proxy_models/gate): a request carrying a
+    gate's path is held in Triton until the gate is opened."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._made: list[str] = []
+
+    def new(self) -> str:
+        path = str(self.directory / f"gate-{len(self._made)}")
+        self._made.append(path)
+        return path
+
+    @staticmethod
+    def open(path: str) -> None:
+        Path(path).touch()
+
+    @staticmethod
+    def saw_cancel(path: str) -> bool:
+        return os.path.exists(path + ".cancelled")
+
+    def open_all(self) -> None:
+        for path in self._made:
+            self.open(path)
+
+
+def gate_inputs(gate: str | None, values: list[float] | None = None) -> list[grpcclient.InferInput]:
+    data = np.array(values if values is not None else [1.0, 2.0, 3.0], dtype=np.float32)
+    inputs = [grpcclient.InferInput("INPUT0", list(data.shape), "FP32")]
+    inputs[0].set_data_from_numpy(data)
+    if gate is not None:
+        g = grpcclient.InferInput("GATE", [1], "BYTES")
+        g.set_data_from_numpy(np.array([gate.encode()], dtype=np.object_))
+        inputs.append(g)
+    return inputs
+
+
+def fp32_inputs(values: np.ndarray, name: str = "INPUT0", dtype: str = "FP32") -> list[grpcclient.InferInput]:
+    inp = grpcclient.InferInput(name, list(values.shape), dtype)
+    inp.set_data_from_numpy(values)
+    return [inp]
+
+
+# ------------------------------------------------------------------------------ outcomes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a call came back with, comparable between direct and proxied calls."""
+    ok: bool
+    value: Any = None
+    code: str | None = None
+    message: str | None = None
+
+
+def outcome(call: Callable[[], Any]) -> Outcome:
+    try:
+        return Outcome(True, call())
+    except InferenceServerException as exc:
+        return Outcome(False, code=exc.status(), message=exc.message())
+    except grpc.RpcError as exc:
+        return Outcome(False, code=exc.code().name, message=exc.details())
+
+
+def raw_unary(channel: grpc.Channel, path: str, payload: bytes, timeout_s: float = 10.0,
+              metadata: list[tuple[str, Any]] | None = None) -> tuple[str, str | None, bytes | None]:
+    """(status code name, details, response bytes) of a unary call with raw bytes."""
+    method = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    try:
+        reply = method(payload, timeout=timeout_s, metadata=metadata)
+        return "OK", None, reply
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details(), None
+
+
+def raw_stream(channel: grpc.Channel, path: str, payloads: list[bytes],
+               timeout_s: float = 10.0) -> tuple[str, str | None, list[bytes]]:
+    """(status code name, details, response messages) of a bidi call with raw bytes."""
+    method = channel.stream_stream(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    replies: list[bytes] = []
+    try:
+        for reply in method(iter(payloads), timeout=timeout_s):
+            replies.append(reply)
+        return "OK", None, replies
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details(), replies
+
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+
+
+def health_check(url: str) -> tuple[str, bytes | None]:
+    with grpc.insecure_channel(url) as channel:
+        code, _, reply = raw_unary(channel, HEALTH_CHECK, b"", timeout_s=10.0)
+    return code, reply
+
+
+def can_connect(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False

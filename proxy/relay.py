@@ -383,9 +383,13 @@ class Pair:
         return wire.request_model_name(head) or UNKNOWN_MODEL
 
     def _check_size(self, stream: _Stream, length: int) -> bool:
+        """False (and the stream answered RESOURCE_EXHAUSTED) when a request message is over the
+        limit. Requests already counted end with that code."""
         limit = self.opts.max_message_bytes
         if limit is None or length <= limit:
             return True
+        if stream.stream_id in self.local_streams:
+            return False  # refused already; the rest of the frame's bytes still pass the scanner
         self.inject(self.c2u, frame(RST_STREAM, 0, stream.stream_id, H2_CANCEL.to_bytes(4, "big")))
         self.streams.pop(stream.stream_id, None)
         self._finish(stream, GRPC_RESOURCE_EXHAUSTED, time.monotonic())
@@ -396,20 +400,25 @@ class Pair:
         self.inject(self.u2c, frame(RST_STREAM, 0, stream.stream_id, H2_NO_ERROR.to_bytes(4, "big")))
         return False
 
+    # A request is counted before its size is checked, so a refused one shows up under its
+    # model with RESOURCE_EXHAUSTED rather than not at all.
+
     def _unary_request(self, stream: _Stream, head: bytes, compressed: bool, length: int) -> None:
-        if stream.unary is not None or not self._check_size(stream, length):
+        if stream.unary is not None:
             return
         stream.unary = self.stats.model(self._model_of(stream, head, compressed), stream.started_s)
         stream.unary.begin(time.monotonic())
         stream.request_scanner = None  # one message per unary call: stop looking
+        self._check_size(stream, length)
 
     def _stream_request(self, stream: _Stream, head: bytes, compressed: bool, length: int) -> None:
-        if not self._check_size(stream, length):
+        if stream.stream_id in self.local_streams:
             return
         now = time.monotonic()
         model = self._model_of(stream, head, compressed)
         self.stats.model(model, now).begin(now)
         stream.pending.setdefault(model, deque()).append(now)
+        self._check_size(stream, length)
 
     # ---- Triton -> client ---------------------------------------------------------------
 

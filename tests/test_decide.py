@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from control.decide import Action, Decision, Reason, State, decide, observe_reload
 from control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy
-from control.signals import GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals
+from control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
+                             inflight_sample, triton_sample)
+from proxy.stats import ModelStats
 
 GIB = 1 << 30
 SINGLE = {"INFERENCE_MODE": "true"}
@@ -519,3 +521,34 @@ def test_desired_is_the_count_that_holds_the_target(load: float, want: int) -> N
     d, _ = decide(with_load(Signals(now_s=0.0, inflight=None, config=LiveConfig(0.0, 2, MULTI)), load),
                   POLICY, State())
     assert d.desired_instances == want
+
+
+# --- signal helpers ----------------------------------------------------------------------
+
+def test_inflight_sample_is_the_window_between_two_proxy_snapshots() -> None:
+    stats = ModelStats("m", now_s=0.0)
+    before = stats.snapshot(0.0, reset_peak=True)
+    stats.begin(0.0)
+    stats.begin(1.0)
+    stats.end(1.5, grpc_code=0, duration_s=1.5)
+    after = stats.snapshot(2.0, reset_peak=True)
+    sample = inflight_sample(before, 0.0, after, 2.0)
+    # in flight: 1 over [0, 1), 2 over [1, 1.5), 1 over [1.5, 2) -> 2.5 request-seconds in 2 s
+    assert sample == InflightSample(at_s=2.0, window_s=2.0, inflight_now=1, inflight_mean=1.25, inflight_max=2,
+                                    request_rate_per_s=1.0, latency_p95_s=2.5)
+    assert inflight_sample(None, 0.0, None, 2.0).inflight_mean == 0.0  # no traffic is data
+    assert inflight_sample(before, 2.0, after, 2.0) is None  # no window
+
+
+def test_triton_sample_takes_deltas_and_survives_the_reset_of_a_full_reload() -> None:
+    a = TritonCounters(success_count=100, fail_count=1, queue_ns=1_000, compute_infer_ns=20_000)
+    b = TritonCounters(success_count=110, fail_count=1, queue_ns=1_500, compute_infer_ns=22_000)
+    s = triton_sample(a, b, 0.0, 1.0)
+    assert (s.success_count, s.fail_count, s.queue_ns_per_request, s.compute_infer_ns_per_request) == (
+        10, 0, 50.0, 200.0)
+    reset = TritonCounters(success_count=4, fail_count=0, queue_ns=40, compute_infer_ns=800)
+    s = triton_sample(b, reset, 1.0, 2.0)
+    assert (s.success_count, s.queue_ns_per_request, s.compute_infer_ns_per_request) == (4, 10.0, 200.0)
+    idle = triton_sample(b, b, 1.0, 2.0)
+    assert idle.success_count == 0 and idle.queue_ns_per_request is None
+    assert triton_sample(None, b, 0.0, 1.0) is None

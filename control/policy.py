@@ -298,9 +298,6 @@ class Policy(_Frozen):
         return models
 
 
-assert set(ModelOverride.model_fields) == set(ModelSettings.model_fields), "override keys = default keys"
-
-
 # ---------------------------------------------------------------------------------------
 # What the decision core reads
 

@@ -173,22 +173,24 @@ def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarCo
 
 
 def run(args: argparse.Namespace) -> int:
-    base = SidecarConfig()
-    factory: ControllerFactory | None = None
+    base, policy = SidecarConfig(), None
     if args.policy:
         from control.policy import PolicyError  # the composition root may know both planes
-        from tritonpilot.wiring import sidecar_config_from_policy, controller_factory_from_policy
+        from tritonpilot.wiring import sidecar_config_from_policy
         try:
             base, policy = sidecar_config_from_policy(args.policy)
         except PolicyError as exc:
             print(f"tritonpilot serve: invalid policy {args.policy}:\n{exc}", file=sys.stderr)
             return 2
-        factory = controller_factory_from_policy(policy)
     try:
         config = config_from_args(args, base)
     except ValueError as exc:
         print(f"tritonpilot serve: {exc}", file=sys.stderr)
         return 2
+    factory: ControllerFactory | None = None
+    if policy is not None:
+        from tritonpilot.wiring import controller_factory_from_policy
+        factory = controller_factory_from_policy(policy, triton_url=config.triton)
     configure_logging(config.log_format, config.log_level)
 
     async def main() -> None:

@@ -1,0 +1,266 @@
+"""The control loop: collect signals -> decide (pure) -> apply (actuator), once per interval.
+
+Knative's shape: sources collect, `decide` decides, the actuator scales; this
+file only moves values between them, logs what changed and keeps /status.
+Every collaborator is passed in, and `tick(now_s)` is the whole loop body, so
+tests drive it with a fake clock and fake sources and never sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from control.actuator import ReloadRequest, ReloadResult
+from control.decide import Decision, State, decide, observe_reload
+from control.policy import ResolvedModelPolicy
+from control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
+                             inflight_sample, triton_sample)
+from control.triton import StatsSample, TritonError
+from proxy.gpu import GpuSnapshot
+from proxy.stats import ProxySnapshot
+
+log = structlog.get_logger(__name__)
+
+
+class Sources(Protocol):
+    """Where the loop reads the world. Each read may fail (None = no data)."""
+
+    def proxy_snapshot(self, now_s: float) -> ProxySnapshot: ...
+
+    def gpu(self) -> GpuSnapshot: ...
+
+    async def live_config(self, model: str) -> Mapping[str, Any] | None: ...
+
+    async def triton_stats(self, model: str) -> StatsSample | None: ...
+
+
+class Applier(Protocol):
+    """The actuator as the loop uses it (control.actuator.Actuator)."""
+
+    def pending(self, model: str) -> ReloadRequest | None: ...
+
+    def submit(self, request: ReloadRequest) -> bool: ...
+
+    def collect(self) -> list[ReloadResult]: ...
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        # A private registry by default: two controllers in one process (tests) must not clash.
+        kw = {"registry": registry if registry is not None else CollectorRegistry()}
+        self.instances = Gauge("tritonpilot_model_instances", "Instances per model, as Triton's config says.",
+                               ["model"], **kw)
+        self.profile = Gauge("tritonpilot_model_profile", "1 for the profile each model runs now.",
+                             ["model", "profile"], **kw)
+        self.reloads = Counter("tritonpilot_reloads", "Reloads finished, by result.", ["model", "result"], **kw)
+        self.reload_duration = Histogram("tritonpilot_reload_duration_seconds", "Reload request to verified.",
+                                         ["model"], buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300), **kw)
+        self.decisions = Counter("tritonpilot_decisions", "Decisions per tick, by action and reason.",
+                                 ["model", "action", "reason"], **kw)
+
+
+@dataclass
+class _ModelLoop:
+    """What the loop keeps per controlled model between ticks."""
+    policy: ResolvedModelPolicy
+    state: State = field(default_factory=State)
+    prev_counters: TritonCounters | None = None
+    prev_counters_s: float | None = None
+    config: LiveConfig | None = None
+    last_reload: ReloadRecord | None = None
+    memory_before_bytes: int | None = None
+    decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
+    config_error: str | None = None
+
+
+class Controller:
+    def __init__(self, policies: Mapping[str, ResolvedModelPolicy], sources: Sources, applier: Applier,
+                 *, interval_s: float = 1.0, dry_run: bool = False, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.models = {name: _ModelLoop(p) for name, p in policies.items()}
+        self.sources = sources
+        self.applier = applier
+        self.interval_s = interval_s
+        self.dry_run = dry_run
+        self.clock = clock
+        self.sleep = sleep
+        self.metrics = ControllerMetrics(registry)
+        self._prev_snapshot: ProxySnapshot | None = None
+
+    async def run(self) -> None:
+        log.info("controller.started", models=sorted(self.models), interval_s=self.interval_s, dry_run=self.dry_run)
+        while True:
+            started = self.clock()
+            try:
+                await self.tick(started)
+            except Exception:  # one bad tick must not stop the controller
+                log.exception("controller.tick_failed")
+            await self.sleep(max(0.0, self.interval_s - (self.clock() - started)))
+
+    async def tick(self, now_s: float) -> list[Decision]:
+        for result in self.applier.collect():
+            self._finished(result, now_s)
+        snapshot = self.sources.proxy_snapshot(now_s)
+        prev = self._prev_snapshot
+        self._prev_snapshot = snapshot
+        gpu = _gpu_sample(self.sources.gpu())
+        decisions = []
+        for name, m in self.models.items():
+            inflight = (inflight_sample(prev.models.get(name), prev.now_s, snapshot.models.get(name), now_s)
+                        if prev is not None else None)
+            signals = Signals(now_s=now_s, inflight=inflight, config=await self._live_config(name, m, now_s),
+                              triton=await self._triton(name, m, now_s), gpu=gpu,
+                              reload_pending=self.applier.pending(name) is not None, last_reload=m.last_reload)
+            decision, m.state = decide(signals, m.policy, m.state)
+            decisions.append(decision)
+            self._record(m, decision, inflight)
+            if decision.changes:
+                self._apply(m, decision, gpu)
+        return decisions
+
+    async def _live_config(self, name: str, m: _ModelLoop, now_s: float) -> LiveConfig | None:
+        from control.overrides import read_state
+
+        try:
+            config = await self.sources.live_config(name)
+        except TritonError as exc:
+            config, error = None, str(exc)
+        else:
+            error = None if config is not None else "no config"
+        if error != m.config_error:  # log a change of state once, not every tick
+            (log.warning if error else log.info)("controller.model_config", model=name, error=error)
+            m.config_error = error
+        if config is None:
+            m.config = None
+            return None
+        live = read_state(config)
+        m.config = LiveConfig(at_s=now_s, instances=live.instances, parameters=live.parameters)
+        self.metrics.instances.labels(name).set(live.instances)
+        current = m.policy.live_profile(live.parameters)
+        for p in m.policy.profiles:
+            self.metrics.profile.labels(name, p.name).set(1 if p.name == current else 0)
+        return m.config
+
+    async def _triton(self, name: str, m: _ModelLoop, now_s: float):
+        try:
+            stats = await self.sources.triton_stats(name)
+        except TritonError:
+            stats = None
+        if stats is None:
+            return None
+        counters = TritonCounters(stats.success_count, stats.fail_count, stats.queue_ns, stats.compute_infer_ns)
+        sample = (triton_sample(m.prev_counters, counters, m.prev_counters_s, now_s)
+                  if m.prev_counters_s is not None else None)
+        m.prev_counters, m.prev_counters_s = counters, now_s
+        return sample
+
+    def _apply(self, m: _ModelLoop, decision: Decision, gpu: GpuSample | None) -> None:
+        assert decision.decided_instances is not None and decision.profile is not None
+        event = dict(model=decision.model, action=str(decision.action), reason=str(decision.reason),
+                     instances=f"{decision.current_instances} -> {decision.decided_instances}",
+                     profile=f"{decision.current_profile} -> {decision.profile.name}",
+                     strategy=decision.strategy, dry_run=self.dry_run, **_loggable(decision.numbers))
+        if self.dry_run:
+            log.info("controller.decision", **event)
+            return
+        request = ReloadRequest(model=decision.model, instances=decision.decided_instances,
+                                profile=decision.profile.name, parameters=dict(decision.profile.parameters),
+                                managed_keys=m.policy.managed_parameter_keys,
+                                strategy=decision.strategy or "full")
+        submitted = self.applier.submit(request)
+        log.info("controller.decision", **event, submitted=submitted)
+        if submitted:
+            m.memory_before_bytes = gpu.memory_used_bytes if gpu is not None else None
+
+    def _finished(self, result: ReloadResult, now_s: float) -> None:
+        m = self.models.get(result.request.model)
+        name = result.request.model
+        self.metrics.reloads.labels(name, result.result).inc()
+        self.metrics.reload_duration.labels(name).observe(result.duration_s)
+        if m is None:
+            return
+        m.last_reload = ReloadRecord(finished_s=now_s, duration_s=result.duration_s, ok=result.ok,
+                                     instances=result.request.instances, profile=result.request.profile)
+        (log.info if result.ok else log.warning)(
+            "controller.reload", model=name, result=result.result, instances=result.request.instances,
+            profile=result.request.profile, duration_s=round(result.duration_s, 3), error=result.error or None)
+        if result.ok and result.instances_before is not None:
+            gpu = _gpu_sample(self.sources.gpu())
+            m.state = observe_reload(m.state, m.memory_before_bytes, gpu.memory_used_bytes if gpu else None,
+                                     result.instances_before, result.request.instances)
+
+    def _record(self, m: _ModelLoop, decision: Decision, inflight: InflightSample | None) -> None:
+        self.metrics.decisions.labels(decision.model, str(decision.action), str(decision.reason)).inc()
+        if not decision.changes:
+            log.debug("controller.hold", model=decision.model, action=str(decision.action),
+                      reason=str(decision.reason), **_loggable(decision.numbers))
+        entry = {"now_s": round(decision.now_s, 3), "action": str(decision.action), "reason": str(decision.reason),
+                 "current_instances": decision.current_instances, "decided_instances": decision.decided_instances,
+                 "profile": decision.profile.name if decision.profile else decision.current_profile,
+                 "numbers": dict(decision.numbers)}
+        # Keep the history readable: record changes and blocks always, holds only when new.
+        last = m.decisions[-1] if m.decisions else None
+        if decision.changes or last is None or (last["action"], last["reason"]) != (entry["action"], entry["reason"]):
+            m.decisions.append(entry)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dry_run": self.dry_run, "interval_s": self.interval_s, "models": {}}
+        for name, m in self.models.items():
+            pending = self.applier.pending(name)
+            out["models"][name] = {
+                "policy": {k: v for k, v in asdict(m.policy).items() if k != "profiles"}
+                | {"profiles": [p.model_dump() for p in m.policy.profiles]},
+                "instances": m.config.instances if m.config else None,
+                "profile": m.policy.live_profile(m.config.parameters) if m.config else None,
+                "config_error": m.config_error,
+                "pending_reload": ({"instances": pending.instances, "profile": pending.profile,
+                                    "strategy": pending.strategy} if pending else None),
+                "last_reload": asdict(m.last_reload) if m.last_reload else None,
+                "memory_per_instance_bytes": m.state.memory_per_instance_bytes,
+                "decisions": list(m.decisions),
+            }
+        return out
+
+
+def _gpu_sample(snapshot: GpuSnapshot) -> GpuSample | None:
+    """All GPUs as one: the busiest one's utilization, the fullest one's memory."""
+    if not snapshot.gpus:
+        return None
+    fullest = min(snapshot.gpus, key=lambda g: g.memory_total_bytes - g.memory_used_bytes)
+    return GpuSample(at_s=snapshot.now_s, utilization_ratio=max(g.utilization_ratio for g in snapshot.gpus),
+                     memory_used_bytes=fullest.memory_used_bytes, memory_total_bytes=fullest.memory_total_bytes)
+
+
+def _loggable(numbers: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in numbers.items()}
+
+
+class LiveSources:
+    """The real sources: the proxy's stats in-process, the GPU sampler, Triton over gRPC."""
+
+    def __init__(self, stats, gpu_sampler, triton) -> None:
+        self._stats = stats
+        self._gpu = gpu_sampler
+        self._triton = triton
+
+    def proxy_snapshot(self, now_s: float) -> ProxySnapshot:
+        snap = self._stats.snapshot(time.monotonic(), reset_peaks=True)
+        return ProxySnapshot(now_s=now_s, models=snap.models)
+
+    def gpu(self) -> GpuSnapshot:
+        return self._gpu.latest()
+
+    async def live_config(self, model: str) -> Mapping[str, Any] | None:
+        return await self._triton.get_config(model)
+
+    async def triton_stats(self, model: str) -> StatsSample | None:
+        return await self._triton.statistics(model)

@@ -90,6 +90,47 @@ def test_inflight_gauge_counts_stream_requests_until_their_response(
     stream.close()
 
 
+def test_stream_error_responses_end_their_own_request(gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
+    # Triton's in-stream errors carry the request id but no model name.
+    sidecar = sidecar_factory(gate_triton.grpc_url)
+    stream = Stream(sidecar.url)
+    gate = gates.new()
+    stream.client.async_stream_infer("gate", gate_inputs(gate), request_id="held")
+    wait_until(lambda: sidecar.inflight("gate") == 1, what="the held request")
+    stream.client.async_stream_infer("no_such_model", gate_inputs(None), request_id="bad-model")
+    stream.client.async_stream_infer("gate", fp32_inputs(np.ones(2, dtype=np.float32), name="WRONG"),
+                                     request_id="bad-input")
+    errors = stream.get(2)
+    assert sorted(e.message() for _, e in errors) == [
+        "Request for unknown model: 'no_such_model' is not found",
+        "unexpected inference input 'WRONG' for model 'gate'"]
+    wait_until(lambda: sidecar.finished("no_such_model") == {"UNKNOWN": 1}, what="the unknown model's request to end")
+    wait_until(lambda: sidecar.finished("gate") == {"UNKNOWN": 1}, what="the bad input's request to end")
+    assert sidecar.inflight("gate") == 1  # the held request is still in flight
+    gates.open(gate)
+    assert stream.get(1)[0][1] is None
+    wait_until(lambda: sidecar.inflight("gate") == 0, what="in flight back to 0")
+    assert sidecar.finished("gate") == {"UNKNOWN": 1, "OK": 1}
+    stream.close()
+
+
+def test_gzip_stream_requests_count_for_their_model(gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
+    sidecar = sidecar_factory(gate_triton.grpc_url)
+    client = grpcclient.InferenceServerClient(sidecar.url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), compression_algorithm="gzip")
+    gate = gates.new()
+    for i in range(3):
+        client.async_stream_infer("gate", gate_inputs(gate, [float(i)] * 300), request_id=str(i))
+    wait_until(lambda: sidecar.inflight("gate") == 3, what="3 compressed stream requests in flight")
+    gates.open(gate)
+    assert [responses.get(timeout=60)[1] for _ in range(3)] == [None] * 3
+    wait_until(lambda: sidecar.inflight("gate") == 0, what="in flight back to 0")
+    assert set(sidecar.snapshot().models) == {"gate"}
+    client.stop_stream()
+    client.close()
+
+
 def decoupled_inputs(n: int) -> list[grpcclient.InferInput]:
     inp = grpcclient.InferInput("IN", [1], "INT32")
     inp.set_data_from_numpy(np.array([n], dtype=np.int32))

@@ -141,7 +141,7 @@ async def _ramp(triton_url: str, proxy_url: str, metrics_url: str, short: bool) 
 
     admin = grpcclient.InferenceServerClient(triton_url)
     workers = [asyncio.create_task(worker(k)) for k in range(len(callers))]
-    print(f"{'t_s':>5}  {'clients':>7}  {'in_flight':>9}  {'instances':>9}  {'profile':<42}  "
+    print(f"{'t_s':>5}  {'clients':>7}  {'in_flight':>9}  {'instances':>9}  {'flags':<52}  "
           f"{'infer/s':>7}  {'p95_ms':>6}  failed", flush=True)
     start = time.monotonic()
     try:

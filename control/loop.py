@@ -76,6 +76,7 @@ class _ModelLoop:
     prev_counters_s: float | None = None
     config: LiveConfig | None = None
     last_reload: ReloadRecord | None = None
+    last_reload_report: dict[str, Any] | None = None  # /status: the record, the result and Triton's message
     memory_before_bytes: int | None = None
     decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     config_error: str | None = None
@@ -188,8 +189,10 @@ class Controller:
         self.metrics.reload_duration.labels(name).observe(result.duration_s)
         if m is None:
             return
-        m.last_reload = ReloadRecord(finished_s=now_s, duration_s=result.duration_s, ok=result.ok,
-                                     instances=result.request.instances, profile=result.request.profile)
+        record = ReloadRecord(finished_s=now_s, duration_s=result.duration_s, ok=result.ok,
+                              instances=result.request.instances, profile=result.request.profile)
+        m.last_reload_report = {**asdict(record), "result": result.result, "error": result.error or None}
+        m.last_reload = record
         (log.info if result.ok else log.warning)(
             "controller.reload", model=name, result=result.result, instances=result.request.instances,
             profile=result.request.profile, duration_s=round(result.duration_s, 3), error=result.error or None)
@@ -224,7 +227,7 @@ class Controller:
                 "config_error": m.config_error,
                 "pending_reload": ({"instances": pending.instances, "profile": pending.profile,
                                     "strategy": pending.strategy} if pending else None),
-                "last_reload": asdict(m.last_reload) if m.last_reload else None,
+                "last_reload": m.last_reload_report,
                 "memory_per_instance_bytes": m.state.memory_per_instance_bytes,
                 "decisions": list(m.decisions),
             }

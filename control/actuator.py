@@ -43,6 +43,11 @@ class ReloadRequest:
         return (self.model, self.instances, tuple(sorted(self.parameters.items())))
 
 
+# Results that say something about the config itself: it is not sent again for a while.
+# The others ("unavailable": Triton did not answer; "cancelled") say nothing about it.
+CONFIG_FAILURES: frozenset[str] = frozenset({"failed", "unverified", "timeout"})
+
+
 @dataclass(frozen=True)
 class ReloadResult:
     request: ReloadRequest
@@ -104,7 +109,7 @@ class Actuator:
                                       error=repr(p.task.exception()))
             else:
                 result = p.task.result()
-            if result.result in ("failed", "unverified", "timeout"):
+            if result.result in CONFIG_FAILURES:
                 self._backoff_until[p.request.key] = self.clock() + self.failed_config_backoff_s
             done.append(result)
         return done

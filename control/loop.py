@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from control.actuator import ReloadRequest, ReloadResult
+from control.actuator import CONFIG_FAILURES, ReloadRequest, ReloadResult
 from control.decide import Decision, State, decide, observe_reload
 from control.policy import ResolvedModelPolicy
 from control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
@@ -75,8 +75,8 @@ class _ModelLoop:
     prev_counters: TritonCounters | None = None
     prev_counters_s: float | None = None
     config: LiveConfig | None = None
-    last_reload: ReloadRecord | None = None
-    last_reload_report: dict[str, Any] | None = None  # /status: the record, the result and Triton's message
+    last_reload: ReloadRecord | None = None  # what decide sees: the last reload that worked or failed
+    last_reload_report: dict[str, Any] | None = None  # /status: the last one whatever its result
     memory_before_bytes: int | None = None
     decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     config_error: str | None = None
@@ -192,7 +192,10 @@ class Controller:
         record = ReloadRecord(finished_s=now_s, duration_s=result.duration_s, ok=result.ok,
                               instances=result.request.instances, profile=result.request.profile)
         m.last_reload_report = {**asdict(record), "result": result.result, "error": result.error or None}
-        m.last_reload = record
+        # A reload Triton never answered says nothing about the config: decide would back off
+        # from it as failed, so it keeps the previous record and retries after the cooldown.
+        if result.ok or result.result in CONFIG_FAILURES:
+            m.last_reload = record
         (log.info if result.ok else log.warning)(
             "controller.reload", model=name, result=result.result, instances=result.request.instances,
             profile=result.request.profile, duration_s=round(result.duration_s, 3), error=result.error or None)

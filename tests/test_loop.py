@@ -1,0 +1,722 @@
+"""The control loop as a timeline: a fake clock, fake sources, a fake Triton behind the real
+actuator. No sleeping, no Triton process: `Controller.tick(now_s)` is driven by hand and
+the actuator's reload tasks run on the test's event loop between ticks.
+
+Then the pure override builder (control/overrides.py) the actuator sends to Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from control.actuator import Actuator, ReloadRequest, ReloadResult
+from control.decide import Action, Decision, Reason
+from control.loop import Controller
+from control.overrides import GENERATION_KEY, build_override, matches, read_state
+from control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy
+from control.triton import LoadFailed, StatsSample, TritonError, TritonUnavailable
+from proxy.gpu import GpuSample as ProxyGpuSample
+from proxy.gpu import GpuSnapshot
+from proxy.stats import LATENCY_BUCKETS_S, ModelSnapshot, ProxySnapshot
+
+MODEL = "m"
+GIB = 1 << 30
+SINGLE = {"INFERENCE_MODE": "true"}
+MULTI = {"INFERENCE_MODE": "true", "DISABLE_OPTIMIZED_EXECUTION": "true"}
+
+POLICY = ResolvedModelPolicy(
+    model=MODEL, min_instances=1, max_instances=4, target_inflight_per_instance=1.0, tolerance_ratio=0.25,
+    scale_up_delay_s=5.0, scale_down_delay_s=30.0, panic_threshold_ratio=2.0, panic_window_s=1.0,
+    max_step=4, cooldown_s=10.0, gpu_utilization_ceiling_ratio=0.95, gpu_memory_headroom_ratio=0.1,
+    gpu_memory_headroom_bytes=0, profiles=BUILTIN_PROFILES, reload_strategy="full",
+    failed_config_backoff_s=300.0, max_signal_age_s=5.0,
+)
+
+
+def model_config(instances: int = 1, parameters: Mapping[str, str] | None = None,
+                 kind: str = "KIND_CPU") -> dict[str, Any]:
+    """A ModelConfig in the JSON form Triton's ModelConfig RPC returns (as_json=True)."""
+    params = {"SLEEP_MS": "20", **(SINGLE if parameters is None else parameters)}
+    return {
+        "name": MODEL, "backend": "python", "max_batch_size": 0,
+        "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": ["-1"]}],
+        "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": ["-1"]}],
+        "instance_group": [{"name": f"{MODEL}_0", "kind": kind, "count": instances}],
+        "parameters": {k: {"string_value": v} for k, v in params.items()},
+    }
+
+
+# ------------------------------------------------------------------------------ fakes
+
+
+class FakeClock:
+    def __init__(self, now_s: float = 0.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+class FakeTriton:
+    """Triton as TritonClient shows it: configs, readiness, loads, statistics.
+
+    - `hold`: when set, loads wait for it (a reload stays pending until the test opens it);
+    - `reject`: config -> Triton's error message for a config it fails to load, or None;
+    - `down`: every RPC fails as TritonUnavailable; `stats_error`: statistics fail alone.
+    """
+
+    def __init__(self, configs: Mapping[str, dict[str, Any]]) -> None:
+        self.configs = {name: copy.deepcopy(c) for name, c in configs.items()}
+        self.loads: list[tuple[str, dict[str, Any]]] = []
+        self.hold: asyncio.Event | None = None
+        self.reject: Any = None
+        self.down = False
+        self.stats_error: TritonError | None = None
+        self.load_error: TritonError | None = None
+        self.success_count = 0
+
+    def _check_up(self, what: str) -> None:
+        if self.down:
+            raise TritonUnavailable(f"{what}: failed to connect to all addresses")
+
+    async def get_config(self, model: str) -> dict[str, Any]:
+        self._check_up(f"reading the config of {model!r}")
+        if model not in self.configs:
+            raise TritonError(f"reading the config of {model!r}: Request for unknown model (StatusCode.NOT_FOUND)")
+        return copy.deepcopy(self.configs[model])
+
+    async def is_model_ready(self, model: str) -> bool:
+        self._check_up("ready")
+        return model in self.configs
+
+    async def load(self, model: str, config: dict[str, Any], timeout_s: float) -> None:
+        self._check_up(f"loading {model!r}")
+        self.loads.append((model, copy.deepcopy(config)))
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.load_error is not None:
+            raise self.load_error
+        error = self.reject(config) if self.reject is not None else None
+        if error:
+            raise LoadFailed(error)  # the old config keeps serving, as in Triton
+        self.configs[model] = copy.deepcopy(config)
+
+    async def statistics(self, model: str) -> StatsSample | None:
+        self._check_up(f"reading statistics of {model!r}")
+        if self.stats_error is not None:
+            raise self.stats_error
+        self.success_count += 10
+        return StatsSample(inference_count=self.success_count, execution_count=self.success_count,
+                           success_count=self.success_count, fail_count=0, queue_ns=self.success_count * 1000,
+                           compute_infer_ns=self.success_count * 20_000_000, last_inference_ms=0)
+
+
+class FakeSources:
+    """The proxy's counters for a load the test sets (`inflight[model]`: the mean in flight over
+    the interval that ends at the next snapshot), a GPU reading, and Triton through FakeTriton."""
+
+    def __init__(self, triton: FakeTriton) -> None:
+        self.triton = triton
+        self.inflight: dict[str, float] = {}
+        self.gpu_snapshot: GpuSnapshot | None = None
+        self.snapshot_error: Exception | None = None
+        self._seconds: dict[str, float] = {}
+        self._started: dict[str, int] = {}
+        self._last_s: float | None = None
+
+    def proxy_snapshot(self, now_s: float) -> ProxySnapshot:
+        if self.snapshot_error is not None:
+            raise self.snapshot_error
+        dt = now_s - self._last_s if self._last_s is not None else 0.0
+        self._last_s = now_s
+        models = {}
+        for name, level in self.inflight.items():
+            self._seconds[name] = self._seconds.get(name, 0.0) + level * dt
+            self._started[name] = self._started.get(name, 0) + round(level * 50 * dt)  # 20 ms requests
+            started = self._started[name]
+            models[name] = ModelSnapshot(
+                model=name, inflight=round(level), inflight_peak=round(level + 0.5),
+                inflight_seconds=self._seconds[name], started_total=started, finished_total={"OK": started},
+                latency_bucket_counts=(0,) * 5 + (started,) * (len(LATENCY_BUCKETS_S) - 4),
+                latency_sum_s=started * 0.02, latency_count=started)
+        return ProxySnapshot(now_s=now_s, models=models)
+
+    def gpu(self) -> GpuSnapshot:
+        if self.gpu_snapshot is not None:
+            return self.gpu_snapshot
+        return GpuSnapshot(now_s=self._last_s or 0.0, gpus=None, source="none", reason="no GPU here")
+
+    async def live_config(self, model: str) -> Mapping[str, Any] | None:
+        return await self.triton.get_config(model)
+
+    async def triton_stats(self, model: str) -> StatsSample | None:
+        return await self.triton.statistics(model)
+
+
+class RecordingApplier:
+    """An applier that only records what it is asked (for dry_run)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[ReloadRequest] = []
+        self.pending_asked = 0
+
+    def pending(self, model: str) -> ReloadRequest | None:
+        self.pending_asked += 1
+        return None
+
+    def submit(self, request: ReloadRequest) -> bool:
+        self.submitted.append(request)
+        return True
+
+    def collect(self) -> list[ReloadResult]:
+        return []
+
+
+@dataclass
+class Loop:
+    """One controller over one model, the real actuator, a fake Triton and a fake clock.
+    `expect(at=, inflight=, instances=)` ticks every interval up to `at` at that load and
+    checks the count Triton's own config shows afterwards."""
+
+    policy: ResolvedModelPolicy = POLICY
+    config: dict[str, Any] = field(default_factory=model_config)
+    dry_run: bool = False
+    interval_s: float = 1.0
+    applier: Any = None
+
+    def __post_init__(self) -> None:
+        self.clock = FakeClock()
+        self.triton = FakeTriton({MODEL: self.config})
+        self.sources = FakeSources(self.triton)
+        self.actuator = Actuator(self.triton, timeout_s=60.0,  # type: ignore[arg-type]
+                                 failed_config_backoff_s=self.policy.failed_config_backoff_s, clock=self.clock)
+        self.registry = CollectorRegistry()
+        self.controller = Controller({MODEL: self.policy}, self.sources, self.applier or self.actuator,
+                                     interval_s=self.interval_s, dry_run=self.dry_run, registry=self.registry,
+                                     clock=self.clock)
+        self.decisions: list[Decision] = []
+
+    @property
+    def now_s(self) -> float:
+        return self.clock.now_s
+
+    async def tick(self, inflight: float) -> Decision:
+        self.sources.inflight[MODEL] = inflight
+        (decision,) = await self.controller.tick(self.clock.now_s)
+        self.decisions.append(decision)
+        await settle()  # reload tasks that can finish now do (collected at the next tick)
+        return decision
+
+    async def run(self, until: float, inflight: float) -> Decision:
+        decision = None
+        while self.clock.now_s <= until + 1e-9:
+            decision = await self.tick(inflight)
+            self.clock.now_s += self.interval_s
+        assert decision is not None, f"no tick left before {until}"
+        return decision
+
+    async def expect(self, at: float, inflight: float, instances: int, action: Action | None = None,
+                     reason: Reason | None = None) -> Decision:
+        decision = await self.run(at, inflight)
+        assert self.live_instances() == instances, (at, decision)
+        if action is not None:
+            assert decision.action is action, (at, decision)
+        if reason is not None:
+            assert decision.reason is reason, (at, decision)
+        return decision
+
+    def live_instances(self) -> int:
+        return read_state(self.triton.configs[MODEL]).instances
+
+    def live_parameters(self) -> dict[str, str]:
+        return dict(read_state(self.triton.configs[MODEL]).parameters)
+
+    def changes(self) -> list[Decision]:
+        return [d for d in self.decisions if d.changes]
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = generate_latest(self.registry).decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.metrics().get((name, tuple(sorted(labels.items()))))
+
+
+async def settle(rounds: int = 20) -> None:
+    """Let tasks on this loop run until they wait on something the test controls."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def scenario(coro_fn: Any) -> Any:
+    """Run an async test body on a fresh event loop (no pytest-asyncio needed)."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(coro_fn(*args, **kwargs))
+    wrapper.__name__ = coro_fn.__name__
+    wrapper.__doc__ = coro_fn.__doc__
+    return wrapper
+
+
+def policy(**overrides: Any) -> ResolvedModelPolicy:
+    return replace(POLICY, **overrides)
+
+
+def events(logs: Iterable[Mapping[str, Any]], name: str) -> list[Mapping[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+# ------------------------------------------------------------------------------ timelines
+
+
+@scenario
+async def test_scale_up_only_after_the_load_lasts_the_up_delay() -> None:
+    loop = Loop()
+    # 1.6 in flight on 1 instance: above 1 x 1.25, below the panic line of 2.
+    d = await loop.expect(at=0, inflight=1.6, instances=1, action=Action.HOLD, reason=Reason.NO_DATA)
+    assert d.numbers["missing"] == "inflight"  # the first snapshot has nothing to compare with
+    await loop.expect(at=5, inflight=1.6, instances=1, action=Action.HOLD, reason=Reason.WAITING_UP_DELAY)
+    assert loop.triton.loads == []
+    d = await loop.expect(at=6, inflight=1.6, instances=2, action=Action.SCALE_UP,
+                          reason=Reason.INFLIGHT_ABOVE_TARGET)  # excess seen since 1, for 5 s at 6
+    assert d.numbers["up_for_s"] == 5.0 and d.decided_instances == 2 and d.profile.name == "multi"
+    # One load: the whole config, count and flags together, the generation bumped (a full reload).
+    ((model, sent),) = loop.triton.loads
+    assert model == MODEL and read_state(sent).instances == 2
+    assert read_state(sent).parameters == {"SLEEP_MS": "20", **MULTI, GENERATION_KEY: "1"}
+    await loop.expect(at=30, inflight=1.6, instances=2, reason=Reason.WITHIN_BAND)
+    assert len(loop.changes()) == 1
+
+
+@scenario
+async def test_load_then_quiet_goes_up_with_the_multi_profile_and_back_to_single() -> None:
+    loop = Loop()
+    # 8 >= 2 x 1 in flight since the first sample (1), for panic_window_s = 1 at 2.
+    await loop.expect(at=2, inflight=8.0, instances=4, action=Action.PANIC_UP)
+    assert loop.live_parameters() == {"SLEEP_MS": "20", **MULTI, GENERATION_KEY: "1"}
+    await loop.expect(at=20, inflight=8.0, instances=4, reason=Reason.AT_MAX)
+    await loop.expect(at=50, inflight=1.0, instances=4, reason=Reason.WAITING_DOWN_DELAY)
+    await loop.expect(at=51, inflight=1.0, instances=1, action=Action.SCALE_DOWN)  # 30 s after 21
+    assert loop.live_parameters() == {"SLEEP_MS": "20", **SINGLE, GENERATION_KEY: "2"}
+    assert [(d.current_instances, d.decided_instances, d.profile.name) for d in loop.changes()] == [
+        (1, 4, "multi"), (4, 1, "single")]
+
+
+@scenario
+async def test_a_bare_config_is_reprofiled_once_and_other_parameters_are_kept() -> None:
+    loop = Loop(config=model_config(1, parameters={}))
+    d = await loop.expect(at=1, inflight=0.5, instances=1, action=Action.REPROFILE,
+                          reason=Reason.PROFILE_MISMATCH)
+    assert d.current_profile is None and d.profile.name == "single"
+    await loop.expect(at=60, inflight=0.5, instances=1, reason=Reason.WITHIN_BAND)
+    assert loop.live_parameters() == {"SLEEP_MS": "20", **SINGLE, GENERATION_KEY: "1"}
+    assert len(loop.triton.loads) == 1
+
+
+# ------------------------------------------------------------------------------ logs
+
+
+@scenario
+async def test_each_changing_decision_is_one_info_event_with_its_reason_and_numbers() -> None:
+    loop = Loop()
+    with capture_logs() as logs:
+        await loop.run(until=30, inflight=1.6)
+    (event,) = events(logs, "controller.decision")
+    assert event["log_level"] == "info"
+    assert (event["model"], event["action"], event["reason"]) == (MODEL, "scale_up", "inflight-above-target")
+    assert (event["instances"], event["profile"]) == ("1 -> 2", "single -> multi")
+    assert (event["strategy"], event["dry_run"], event["submitted"]) == ("full", False, True)
+    # The numbers behind it: the load, the thresholds, how long the excess lasted.
+    assert event["inflight_mean"] == 1.6 and event["ideal_instances"] == 1.6
+    assert event["scale_up_above_inflight"] == 1.25 and event["up_for_s"] == 5.0
+    (reload,) = events(logs, "controller.reload")
+    assert (reload["log_level"], reload["result"], reload["instances"], reload["profile"]) == (
+        "info", "ok", 2, "multi")
+    # Everything else that tick said was a hold, at DEBUG.
+    holds = events(logs, "controller.hold")
+    assert len(holds) == 30 and {e["log_level"] for e in holds} == {"debug"}
+    assert not [e for e in logs if e["log_level"] == "info" and e["event"] not in (
+        "controller.decision", "controller.reload")]
+
+
+# ------------------------------------------------------------------------------ dry run
+
+
+@scenario
+async def test_dry_run_decides_and_logs_but_never_submits() -> None:
+    applier = RecordingApplier()
+    loop = Loop(dry_run=True, applier=applier)
+    with capture_logs() as logs:
+        await loop.run(until=40, inflight=8.0)
+    assert applier.submitted == [] and loop.triton.loads == []
+    assert loop.live_instances() == 1
+    # Nothing changed, so after each cooldown it decides the same again, and says so.
+    ups = [d for d in loop.changes() if d.action is Action.PANIC_UP]
+    assert [d.now_s for d in ups] == [2.0, 12.0, 22.0, 32.0]
+    decisions = events(logs, "controller.decision")
+    assert len(decisions) == 4 and all(e["dry_run"] is True and "submitted" not in e for e in decisions)
+    assert decisions[0]["instances"] == "1 -> 4" and decisions[0]["reason"] == "panic"
+    assert loop.metric("tritonpilot_decisions_total", model=MODEL, action="panic_up", reason="panic") == 4
+    status = loop.controller.status()
+    assert status["dry_run"] is True and status["models"][MODEL]["pending_reload"] is None
+    assert status["models"][MODEL]["decisions"][-1]["action"] in ("blocked", "panic_up")
+
+
+# ------------------------------------------------------------------------------ pending reloads
+
+
+@scenario
+async def test_a_pending_reload_blocks_further_changes_until_it_finishes() -> None:
+    loop = Loop(policy=policy(max_step=1))
+    loop.triton.hold = asyncio.Event()
+    await loop.expect(at=2, inflight=8.0, instances=1, action=Action.PANIC_UP)  # to 2: max_step 1
+    status = loop.controller.status()["models"][MODEL]
+    assert status["pending_reload"] == {"instances": 2, "profile": "multi", "strategy": "full"}
+    # Triton takes its time: the load stays wanted, but nothing else is sent meanwhile.
+    d = await loop.expect(at=30, inflight=8.0, instances=1, action=Action.BLOCKED, reason=Reason.RELOAD_PENDING)
+    assert d.numbers["wanted"] == "panic" and d.numbers["wanted_instances"] == 4  # before max_step
+    assert len(loop.triton.loads) == 1
+    assert {d.reason for d in loop.decisions[3:]} == {Reason.RELOAD_PENDING}
+    loop.triton.hold.set()  # at 31
+    await settle()
+    # Collected at the next tick (31): it took 29 s, so the cooldown is 29 s, not 10.
+    await loop.expect(at=31, inflight=8.0, instances=2, action=Action.BLOCKED, reason=Reason.COOLDOWN)
+    assert loop.controller.status()["models"][MODEL]["pending_reload"] is None
+    assert loop.controller.status()["models"][MODEL]["last_reload"]["duration_s"] == 29.0
+    await loop.expect(at=59, inflight=8.0, instances=2, reason=Reason.COOLDOWN)
+    await loop.expect(at=60, inflight=8.0, instances=3, action=Action.PANIC_UP)
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+TRITONS_MESSAGE = ("load failed for model 'm': version 1 is at UNAVAILABLE state: Invalid argument: "
+                   "failed to convert 'yes' to boolean")
+
+
+def reject_multi(config: Mapping[str, Any]) -> str | None:
+    return TRITONS_MESSAGE if "DISABLE_OPTIMIZED_EXECUTION" in config.get("parameters", {}) else None
+
+
+@scenario
+async def test_a_failed_reload_is_recorded_reported_and_not_retried_during_the_backoff() -> None:
+    loop = Loop(policy=policy(failed_config_backoff_s=100.0))
+    loop.triton.reject = reject_multi
+    with capture_logs() as logs:
+        await loop.expect(at=6, inflight=1.6, instances=1, action=Action.SCALE_UP)  # 1 -> 2, Triton refuses
+        await loop.expect(at=7, inflight=1.6, instances=1)
+    assert loop.metric("tritonpilot_reloads_total", model=MODEL, result="failed") == 1
+    assert loop.metric("tritonpilot_reloads_total", model=MODEL, result="ok") is None
+    assert loop.metric("tritonpilot_reload_duration_seconds_count", model=MODEL) == 1
+    (reload,) = events(logs, "controller.reload")
+    assert (reload["log_level"], reload["result"], reload["error"]) == ("warning", "failed", TRITONS_MESSAGE)
+    last = loop.controller.status()["models"][MODEL]["last_reload"]
+    assert (last["ok"], last["result"], last["instances"], last["profile"]) == (False, "failed", 2, "multi")
+    assert last["error"] == TRITONS_MESSAGE and last["finished_s"] == 7.0
+    # The same count and flags are not sent again during the backoff: the loop says why.
+    d = await loop.expect(at=100, inflight=1.6, instances=1, action=Action.BLOCKED,
+                          reason=Reason.FAILED_CONFIG_BACKOFF)
+    assert d.numbers["wanted_instances"] == 2 and d.numbers["last_reload_ok"] == 0
+    assert len(loop.triton.loads) == 1
+    # After it, one more try (Triton still refuses), then quiet again.
+    await loop.expect(at=120, inflight=1.6, instances=1, reason=Reason.FAILED_CONFIG_BACKOFF)
+    assert len(loop.triton.loads) == 2
+    assert loop.metric("tritonpilot_reloads_total", model=MODEL, result="failed") == 2
+    # Triton's old config kept serving throughout.
+    assert loop.live_parameters() == {"SLEEP_MS": "20", **SINGLE}
+
+
+@scenario
+async def test_a_reload_that_found_triton_unavailable_is_retried_after_the_cooldown_not_backed_off() -> None:
+    loop = Loop()
+    loop.triton.load_error = TritonUnavailable("loading 'm': Socket closed")
+    await loop.expect(at=2, inflight=8.0, instances=1, action=Action.PANIC_UP)
+    loop.triton.load_error = None  # Triton is back
+    await loop.expect(at=3, inflight=8.0, instances=1, action=Action.BLOCKED, reason=Reason.COOLDOWN)
+    last = loop.controller.status()["models"][MODEL]["last_reload"]
+    assert (last["ok"], last["result"], last["error"]) == (False, "unavailable", "loading 'm': Socket closed")
+    assert loop.metric("tritonpilot_reloads_total", model=MODEL, result="unavailable") == 1
+    # Nothing was wrong with the config: the same one goes again once the cooldown is over.
+    await loop.expect(at=12, inflight=8.0, instances=4, action=Action.PANIC_UP)  # 2 + cooldown_s
+    assert [read_state(c).instances for _, c in loop.triton.loads] == [4, 4]
+
+
+@scenario
+async def test_triton_errors_hold_with_no_data_and_the_loop_keeps_going() -> None:
+    loop = Loop()
+    await loop.expect(at=3, inflight=1.0, instances=1, reason=Reason.WITHIN_BAND)
+    loop.triton.down = True
+    with capture_logs() as logs:
+        d = await loop.expect(at=20, inflight=8.0, instances=1, action=Action.HOLD, reason=Reason.NO_DATA)
+    assert d.numbers["missing"] == "config" and d.current_instances is None
+    assert loop.triton.loads == []  # no guess at the count, so no change
+    # The lost config is logged once, not every tick.
+    (lost,) = events(logs, "controller.model_config")
+    assert lost["log_level"] == "warning" and "failed to connect" in lost["error"]
+    status = loop.controller.status()["models"][MODEL]
+    assert status["instances"] is None and "failed to connect" in status["config_error"]
+    assert status["decisions"][-1]["reason"] == "no-data"
+    loop.triton.down = False
+    with capture_logs() as logs:
+        await loop.expect(at=21, inflight=8.0, instances=1, reason=Reason.WAITING_UP_DELAY)
+        await loop.expect(at=22, inflight=8.0, instances=4, action=Action.PANIC_UP)
+    assert events(logs, "controller.model_config")[0]["error"] is None
+    assert loop.controller.status()["models"][MODEL]["config_error"] is None
+
+
+@scenario
+async def test_statistics_errors_alone_still_let_it_decide() -> None:
+    loop = Loop()
+    loop.triton.stats_error = TritonError("reading statistics of 'm': boom (StatusCode.INTERNAL)")
+    d = await loop.expect(at=6, inflight=1.6, instances=2, action=Action.SCALE_UP)
+    assert "success_count" not in d.numbers
+    loop.triton.stats_error = None
+    d = await loop.run(until=8, inflight=1.6)
+    assert d.numbers["success_count"] == 10 and d.numbers["compute_infer_ns_per_request"] == 20_000_000
+
+
+@scenario
+async def test_a_model_triton_does_not_know_is_no_data_and_the_others_go_on() -> None:
+    clock = FakeClock()
+    triton = FakeTriton({MODEL: model_config()})
+    sources = FakeSources(triton)
+    sources.inflight.update({MODEL: 8.0, "absent": 8.0})
+    controller = Controller({"absent": policy(model="absent"), MODEL: POLICY}, sources,
+                            Actuator(triton, clock=clock), clock=clock)  # type: ignore[arg-type]
+    for _ in range(3):
+        absent, present = await controller.tick(clock.now_s)
+        await settle()
+        clock.now_s += 1
+    assert (absent.action, absent.reason) == (Action.HOLD, Reason.NO_DATA)
+    assert "unknown model" in controller.status()["models"]["absent"]["config_error"]
+    assert present.action is Action.PANIC_UP and read_state(triton.configs[MODEL]).instances == 4
+
+
+@scenario
+async def test_run_survives_a_failing_tick_and_paces_itself_by_the_interval() -> None:
+    clock = FakeClock()
+    triton = FakeTriton({MODEL: model_config()})
+    sources = FakeSources(triton)
+    sources.inflight[MODEL] = 1.0
+    slept: list[float] = []
+
+    class Stop(Exception):
+        pass
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now_s += seconds
+        sources.snapshot_error = RuntimeError("a bug in a source") if len(slept) == 2 else None
+        if len(slept) == 6:
+            raise Stop
+
+    registry = CollectorRegistry()
+    controller = Controller({MODEL: POLICY}, sources, Actuator(triton, clock=clock), interval_s=0.5,  # type: ignore[arg-type]
+                            registry=registry, clock=clock, sleep=fake_sleep)
+    with capture_logs() as logs, pytest.raises(Stop):
+        await controller.run()
+    assert slept == [0.5] * 6
+    (failed,) = events(logs, "controller.tick_failed")
+    assert failed["log_level"] == "error"
+    # Six ticks, one failed before deciding: five decisions (the first is no-data).
+    decided = sum(s.value for f in text_string_to_metric_families(generate_latest(registry).decode())
+                  if f.name == "tritonpilot_decisions" for s in f.samples if s.name.endswith("_total"))
+    assert decided == 5
+
+
+# ------------------------------------------------------------------------------ GPU memory
+
+
+@scenario
+async def test_gpu_memory_per_instance_is_learned_from_a_reload() -> None:
+    loop = Loop()
+
+    def gpu(used_gib: float) -> GpuSnapshot:
+        sample = ProxyGpuSample(index=0, name="H100", utilization_ratio=0.5,
+                                memory_used_bytes=int(used_gib * GIB), memory_total_bytes=80 * GIB)
+        return GpuSnapshot(now_s=loop.now_s, gpus=(sample,), source="nvml")
+
+    loop.sources.gpu_snapshot = gpu(10)
+    for _ in range(7):  # up at 6
+        loop.sources.gpu_snapshot = gpu(10)
+        await loop.tick(1.6)
+        loop.clock.now_s += 1
+    assert loop.live_instances() == 2
+    loop.sources.gpu_snapshot = gpu(14)  # after: one more instance, 4 GiB more
+    await loop.tick(1.6)
+    status = loop.controller.status()["models"][MODEL]
+    assert status["memory_per_instance_bytes"] == 4 * GIB
+    d = loop.decisions[-1]
+    assert d.numbers["gpu_memory_used_bytes"] == 14 * GIB and d.numbers["memory_per_instance_bytes"] == 4 * GIB
+
+
+# ------------------------------------------------------------------------------ status and metrics
+
+
+@scenario
+async def test_status_is_plain_json_with_policy_counts_profile_pending_and_decisions() -> None:
+    loop = Loop(policy=policy(max_step=1))
+    await loop.run(until=2, inflight=8.0)  # a panic up to 2 at 2, finished at once
+    loop.triton.hold = asyncio.Event()
+    await loop.run(until=13, inflight=8.0)  # collected at 3; the next step (to 3) is pending from 13
+    status = json.loads(json.dumps(loop.controller.status()))  # no default=: only JSON types
+    assert set(status) == {"dry_run", "interval_s", "models"}
+    assert (status["dry_run"], status["interval_s"]) == (False, 1.0)
+    m = status["models"][MODEL]
+    assert set(m) == {"policy", "instances", "profile", "config_error", "pending_reload", "last_reload",
+                      "memory_per_instance_bytes", "decisions"}
+    assert m["policy"]["max_instances"] == 4 and m["policy"]["target_inflight_per_instance"] == 1.0
+    assert m["policy"]["scale_up_delay_s"] == 5.0 and m["policy"]["reload_strategy"] == "full"
+    assert m["policy"]["profiles"] == [
+        {"name": "single", "instances": [1, 1], "parameters": SINGLE},
+        {"name": "multi", "instances": [2, None], "parameters": MULTI}]
+    assert (m["instances"], m["profile"]) == (2, "multi")
+    assert m["pending_reload"] == {"instances": 3, "profile": "multi", "strategy": "full"}
+    assert m["last_reload"] == {"finished_s": 3.0, "duration_s": 0.0, "ok": True, "instances": 2,
+                                "profile": "multi", "result": "ok", "error": None}
+    changes = [d for d in m["decisions"] if d["action"] == "panic_up"]
+    assert [(d["now_s"], d["current_instances"], d["decided_instances"], d["profile"], d["reason"])
+            for d in changes] == [(2.0, 1, 2, "multi", "panic"), (13.0, 2, 3, "multi", "panic")]
+    assert changes[0]["numbers"]["inflight_mean"] == 8.0 and changes[0]["numbers"]["panic_at_inflight"] == 2.0
+    # Holds are kept only when they say something new: no run of identical entries.
+    pairs = [(d["action"], d["reason"]) for d in m["decisions"]]
+    assert all(a != b or a[0] == "panic_up" for a, b in zip(pairs, pairs[1:]))
+
+
+@scenario
+async def test_metrics_names_and_labels() -> None:
+    loop = Loop()
+    await loop.run(until=2, inflight=8.0)  # panic up to 4 at 2
+    await loop.run(until=3, inflight=8.0)  # collected
+    metrics = loop.metrics()
+    assert metrics[("tritonpilot_model_instances", (("model", MODEL),))] == 4
+    assert metrics[("tritonpilot_model_profile", (("model", MODEL), ("profile", "multi")))] == 1
+    assert metrics[("tritonpilot_model_profile", (("model", MODEL), ("profile", "single")))] == 0
+    assert metrics[("tritonpilot_reloads_total", (("model", MODEL), ("result", "ok")))] == 1
+    assert metrics[("tritonpilot_reload_duration_seconds_count", (("model", MODEL),))] == 1
+    assert metrics[("tritonpilot_decisions_total", (("action", "panic_up"), ("model", MODEL),
+                                                    ("reason", "panic")))] == 1
+    assert metrics[("tritonpilot_decisions_total", (("action", "hold"), ("model", MODEL),
+                                                    ("reason", "no-data")))] == 1
+    families = {f.name: f.type for f in text_string_to_metric_families(generate_latest(loop.registry).decode())
+                if not f.name.endswith("_created")}
+    assert families == {"tritonpilot_model_instances": "gauge", "tritonpilot_model_profile": "gauge",
+                        "tritonpilot_reloads": "counter", "tritonpilot_reload_duration_seconds": "histogram",
+                        "tritonpilot_decisions": "counter"}
+
+
+def test_two_controllers_in_one_process_do_not_clash() -> None:
+    triton = FakeTriton({MODEL: model_config()})
+    for _ in range(2):  # each has a private registry unless given one
+        Controller({MODEL: POLICY}, FakeSources(triton), RecordingApplier())
+
+
+# ------------------------------------------------------------------------------ overrides
+
+
+def test_build_override_changes_the_count_and_keeps_kind_gpus_and_everything_else() -> None:
+    live = model_config(1, parameters={"INFERENCE_MODE": "true", "OTHER": "kept"}, kind="KIND_GPU")
+    live["instance_group"] = [{"name": "a", "kind": "KIND_GPU", "count": 1, "gpus": [0, 1]},
+                              {"name": "b", "kind": "KIND_GPU", "count": 1, "gpus": [2]}]
+    live["dynamic_batching"] = {"max_queue_delay_microseconds": "100"}
+    before = copy.deepcopy(live)
+    out = build_override(live, 3, MULTI, {"INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION"}, generation=None)
+    assert live == before  # the live config is not touched
+    assert out["instance_group"] == [{"name": "a", "kind": "KIND_GPU", "count": 3, "gpus": [0, 1]},
+                                     {"name": "b", "kind": "KIND_GPU", "count": 3, "gpus": [2]}]
+    assert out["parameters"] == {"SLEEP_MS": {"string_value": "20"}, "OTHER": {"string_value": "kept"},
+                                 "INFERENCE_MODE": {"string_value": "true"},
+                                 "DISABLE_OPTIMIZED_EXECUTION": {"string_value": "true"}}
+    assert {k: v for k, v in out.items() if k not in ("instance_group", "parameters")} == {
+        k: v for k, v in before.items() if k not in ("instance_group", "parameters")}
+
+
+def test_build_override_removes_managed_keys_the_new_profile_lacks_and_nothing_else() -> None:
+    live = model_config(4, parameters={**MULTI, "ENABLE_CACHE_CLEANING": "true"})
+    out = build_override(live, 1, SINGLE, {"INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION"}, generation=None)
+    # ENABLE_CACHE_CLEANING is the operator's, not a profile's: it stays.
+    assert read_state(out).parameters == {"SLEEP_MS": "20", "INFERENCE_MODE": "true", "ENABLE_CACHE_CLEANING": "true"}
+    assert read_state(out).instances == 1
+
+
+def test_build_override_generation_bump_or_keep() -> None:
+    live = model_config(1)
+    bumped = build_override(live, 2, MULTI, MULTI.keys(), generation=read_state(live).generation + 1)
+    assert read_state(bumped).generation == 1 and bumped["parameters"][GENERATION_KEY] == {"string_value": "1"}
+    again = build_override(bumped, 1, SINGLE, MULTI.keys(), generation=read_state(bumped).generation + 1)
+    assert read_state(again).generation == 2
+    kept = build_override(again, 3, MULTI, MULTI.keys(), generation=None)  # in place: untouched
+    assert kept["parameters"][GENERATION_KEY] == {"string_value": "2"}
+    assert GENERATION_KEY not in build_override(live, 2, MULTI, MULTI.keys(), generation=None)["parameters"]
+
+
+def test_build_override_edge_cases() -> None:
+    with pytest.raises(ValueError, match="instances must be >= 1, got 0"):
+        build_override(model_config(), 0, SINGLE, SINGLE.keys(), None)
+    bare = {"name": MODEL, "backend": "python"}  # no instance_group, no parameters
+    out = build_override(bare, 2, SINGLE, SINGLE.keys(), generation=1)
+    assert out["instance_group"] == [{"kind": "KIND_AUTO", "count": 2}]
+    assert read_state(out).parameters == {"INFERENCE_MODE": "true", GENERATION_KEY: "1"}
+    # Triton may hand back a parameter without a string_value: it is carried over as it was.
+    odd = model_config()
+    odd["parameters"]["EMPTY"] = {}
+    assert build_override(odd, 1, SINGLE, SINGLE.keys(), None)["parameters"]["EMPTY"] == {}
+
+
+def test_read_state_counts_and_generations() -> None:
+    assert read_state({}).instances == 1 and read_state({}).generation == 0
+    assert read_state({"instance_group": [{"kind": "KIND_CPU"}]}).instances == 1  # count omitted
+    bad = model_config(parameters={GENERATION_KEY: "x"})
+    assert read_state(bad).generation == 0
+
+
+def test_matches_checks_every_group_and_exactly_the_managed_flags() -> None:
+    keys = {"INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION"}
+    live = model_config(2, parameters={**MULTI, GENERATION_KEY: "7", "OTHER": "x"})
+    assert matches(live, 2, MULTI, keys)  # generation and unmanaged keys do not matter
+    assert not matches(live, 3, MULTI, keys)
+    assert not matches(live, 2, SINGLE, keys)  # DISABLE_OPTIMIZED_EXECUTION left over
+    assert not matches(model_config(2, parameters=SINGLE), 2, MULTI, keys)  # one missing
+    assert not matches(model_config(2, parameters={**MULTI, "INFERENCE_MODE": "false"}), 2, MULTI, keys)
+    two_groups = model_config(2, parameters=MULTI)
+    two_groups["instance_group"].append({"kind": "KIND_CPU", "count": 1})
+    assert not matches(two_groups, 2, MULTI, keys)  # the second group did not take the count
+
+
+flag_values = st.sampled_from(["true", "false", "1", "off"])
+params_st = st.dictionaries(st.sampled_from(["INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION", "ENABLE_CACHE_CLEANING",
+                                             "OTHER", GENERATION_KEY]), flag_values, max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(live_params=params_st, new_params=st.dictionaries(st.sampled_from(["INFERENCE_MODE",
+                                                                          "DISABLE_OPTIMIZED_EXECUTION"]),
+                                                         flag_values, max_size=2),
+       extra_managed=st.sets(st.sampled_from(["INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION", "ENABLE_CACHE_CLEANING"])),
+       live_count=st.integers(1, 8), count=st.integers(1, 8), bump=st.booleans())
+def test_an_override_always_matches_what_it_was_built_for(live_params: dict[str, str], new_params: dict[str, str],
+                                                           extra_managed: set[str], live_count: int, count: int,
+                                                           bump: bool) -> None:
+    live = model_config(live_count, parameters={k: v for k, v in live_params.items()
+                                                 if k != GENERATION_KEY or v.isdigit()})
+    managed = set(new_params) | extra_managed
+    generation = read_state(live).generation + 1 if bump else None
+    out = build_override(live, count, new_params, managed, generation)
+    assert matches(out, count, new_params, managed)
+    # Unmanaged parameters survive untouched.
+    unmanaged_before = {k: v for k, v in read_state(live).parameters.items() if k not in managed | {GENERATION_KEY}}
+    unmanaged_after = {k: v for k, v in read_state(out).parameters.items() if k not in managed | {GENERATION_KEY}}
+    assert unmanaged_after == unmanaged_before
+    assert read_state(out).generation == (generation if bump else read_state(live).generation)

@@ -138,9 +138,11 @@ class _Stream:
     response_scanner: wire.MessageScanner | None = None
     # Unary ModelInfer: the model's stats once the request message named it.
     unary: ModelStats | None = None
-    # ModelStreamInfer: per model, start times of requests not yet finally answered.
-    pending: dict[str, deque[float]] = field(default_factory=dict)
+    # ModelStreamInfer: per model, (request id, start time) of requests not yet finally answered.
+    pending: dict[str, deque[tuple[str, float]]] = field(default_factory=dict)
     response_status: int | None = None
+    # Triton may compress its messages whatever the client did: read from its headers.
+    response_encoding: bytes | None = None
 
 
 class _Direction:
@@ -378,9 +380,13 @@ class Pair:
         self.drained.clear()
 
     def _model_of(self, stream: _Stream, head: bytes, compressed: bool) -> str:
+        return self._model_and_id(stream, head, compressed)[0]
+
+    def _model_and_id(self, stream: _Stream, head: bytes, compressed: bool) -> tuple[str, str]:
         if compressed:
             head = wire.decompress_head(head, stream.encoding) or b""
-        return wire.request_model_name(head) or UNKNOWN_MODEL
+        model, request_id = wire.request_model_and_id(head)
+        return model or UNKNOWN_MODEL, request_id
 
     def _check_size(self, stream: _Stream, length: int) -> bool:
         """False (and the stream answered RESOURCE_EXHAUSTED) when a request message is over the
@@ -415,9 +421,9 @@ class Pair:
         if stream.stream_id in self.local_streams:
             return
         now = time.monotonic()
-        model = self._model_of(stream, head, compressed)
+        model, request_id = self._model_and_id(stream, head, compressed)
         self.stats.model(model, now).begin(now)
-        stream.pending.setdefault(model, deque()).append(now)
+        stream.pending.setdefault(model, deque()).append((request_id, now))
         self._check_size(stream, length)
 
     # ---- Triton -> client ---------------------------------------------------------------
@@ -449,6 +455,9 @@ class Pair:
         stream = self.streams.get(stream_id)
         if stream is None:
             return
+        encoding = _header(headers, b"grpc-encoding")
+        if encoding is not None:
+            stream.response_encoding = encoding
         status = _header(headers, b"grpc-status")
         if status is not None:
             try:
@@ -462,19 +471,15 @@ class Pair:
 
     def _stream_response(self, stream: _Stream, head: bytes, compressed: bool) -> None:
         if compressed:
-            head = wire.decompress_head(head, stream.encoding) or b""
-        model, final, error = wire.stream_response_info(head)
+            head = wire.decompress_head(head, stream.response_encoding) or b""
+        model, request_id, final, error = wire.stream_response_info(head)
         if final is False:
             return  # more responses of a decoupled request are coming
         # A response without the flag (an older Triton) completes a request, as does final.
-        if model is None or model not in stream.pending:
-            model = next(iter(stream.pending), None)  # error responses may lack the name
-            if model is None:
-                return
-        starts = stream.pending[model]
-        started = starts.popleft()
-        if not starts:
-            del stream.pending[model]
+        found = _take_pending(stream.pending, model, request_id)
+        if found is None:
+            return
+        model, started = found
         now = time.monotonic()
         self.stats.model(model, now).end(now, GRPC_UNKNOWN if error else GRPC_OK, now - started)
 
@@ -578,6 +583,38 @@ class Pair:
             if d.transport is not None:
                 d.transport.close()
         self.relay.pairs.discard(self)
+
+
+def _take_pending(pending: dict[str, deque[tuple[str, float]]], model: str | None,
+                  request_id: str) -> tuple[str, float] | None:
+    """Remove and return (model, start time) of the stream request a final response answers.
+
+    By request id where the response has one (Triton's error responses carry the id but no
+    model name); else the oldest request of the response's model; else, where the model is
+    missing or unknown, the oldest request of the stream: Triton answers a stream's requests
+    to a non-decoupled model in order.
+    """
+    if not pending:
+        return None
+    models = [model] if model in pending else list(pending)
+    chosen: str | None = None
+    index = 0
+    if request_id:
+        for m in models:
+            for i, (rid, _) in enumerate(pending[m]):
+                if rid == request_id:
+                    chosen, index = m, i
+                    break
+            if chosen is not None:
+                break
+    if chosen is None:
+        chosen = models[0] if len(models) == 1 else min(models, key=lambda m: pending[m][0][1])
+    starts = pending[chosen]
+    _, started = starts[index]
+    del starts[index]
+    if not starts:
+        del pending[chosen]
+    return chosen, started
 
 
 def _unpad(payload: bytes, flags: int) -> bytes:

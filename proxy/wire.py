@@ -73,21 +73,35 @@ def _decode_str(raw: bytes) -> str | None:
 
 def request_model_name(head: bytes) -> str | None:
     """ModelInferRequest.model_name (field 1) from a message prefix."""
+    return request_model_and_id(head)[0]
+
+
+def request_model_and_id(head: bytes) -> tuple[str | None, str]:
+    """(model_name, id) of a ModelInferRequest prefix: fields 1 and 3 ("" when absent)."""
+    model: str | None = None
+    request_id = ""
     for number, wire, value in iter_fields(head):
         if number == 1 and wire == _LEN:
-            return _decode_str(value)
-    return None
+            model = _decode_str(value)
+        elif number == 3 and wire == _LEN:
+            request_id = _decode_str(value) or ""
+        elif number > 3:
+            break
+    return model, request_id
 
 
-def stream_response_info(head: bytes) -> tuple[str | None, bool | None, bool]:
-    """(model name, triton_final_response, has error) of a ModelStreamInferResponse prefix.
+def stream_response_info(head: bytes) -> tuple[str | None, str, bool | None, bool]:
+    """(model name, request id, triton_final_response, has error) of a ModelStreamInferResponse
+    prefix; the id is "" when absent.
 
     ModelStreamInferResponse: error_message = 1, infer_response = 2.
-    ModelInferResponse: model_name = 1, parameters = 4 (map<string, InferParameter>),
+    ModelInferResponse: model_name = 1, id = 3, parameters = 4 (map<string, InferParameter>),
     InferParameter.bool_param = 1. Triton sets triton_final_response on every
-    stream response (true when the request is complete).
+    stream response (true when the request is complete). Its error responses carry
+    the request's id but no model name.
     """
     model: str | None = None
+    request_id = ""
     final: bool | None = None
     error = False
     for number, wire, value in iter_fields(head):
@@ -97,6 +111,8 @@ def stream_response_info(head: bytes) -> tuple[str | None, bool | None, bool]:
             for n2, w2, v2 in iter_fields(value):
                 if n2 == 1 and w2 == _LEN:
                     model = _decode_str(v2)
+                elif n2 == 3 and w2 == _LEN:
+                    request_id = _decode_str(v2) or ""
                 elif n2 == 4 and w2 == _LEN:
                     key = param_value = None
                     for n3, w3, v3 in iter_fields(v2):
@@ -111,7 +127,7 @@ def stream_response_info(head: bytes) -> tuple[str | None, bool | None, bool]:
                                 final = bool(v4)
                 elif n2 >= 5:
                     break  # outputs and tensor data follow; nothing more to read
-    return model, final, error
+    return model, request_id, final, error
 
 
 def decompress_head(head: bytes, encoding: bytes | None) -> bytes | None:

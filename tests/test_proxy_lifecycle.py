@@ -8,12 +8,15 @@ import queue
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from tritonclient.grpc import service_pb2
 
 from proxy_support import (HEALTH_SERVING, SidecarThread, can_connect, fp32_inputs, gate_inputs, health_check,
                            http_status, outcome, scrape, wait_until)
@@ -91,26 +94,31 @@ def test_inflight_gauge_counts_stream_requests_until_their_response(
 
 
 def test_stream_error_responses_end_their_own_request(gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
-    # Triton's in-stream errors carry the request id but no model name.
+    # Triton's in-stream errors carry the request id but no model name, and (the model not
+    # being decoupled) come in request order, after the responses of earlier requests.
     sidecar = sidecar_factory(gate_triton.grpc_url)
     stream = Stream(sidecar.url)
-    gate = gates.new()
-    stream.client.async_stream_infer("gate", gate_inputs(gate), request_id="held")
-    wait_until(lambda: sidecar.inflight("gate") == 1, what="the held request")
+    first, second = gates.new(), gates.new()
+    stream.client.async_stream_infer("gate", gate_inputs(first), request_id="held-1")
     stream.client.async_stream_infer("no_such_model", gate_inputs(None), request_id="bad-model")
     stream.client.async_stream_infer("gate", fp32_inputs(np.ones(2, dtype=np.float32), name="WRONG"),
                                      request_id="bad-input")
-    errors = stream.get(2)
-    assert sorted(e.message() for _, e in errors) == [
+    stream.client.async_stream_infer("gate", gate_inputs(second), request_id="held-2")
+    wait_until(lambda: sidecar.inflight("gate") == 3 and sidecar.inflight("no_such_model") == 1,
+               what="4 requests in flight")
+    gates.open(first)
+    responses = stream.get(3)
+    assert responses[0][0].get_response().id == "held-1"
+    assert [e.message() for _, e in responses[1:]] == [
         "Request for unknown model: 'no_such_model' is not found",
         "unexpected inference input 'WRONG' for model 'gate'"]
     wait_until(lambda: sidecar.finished("no_such_model") == {"UNKNOWN": 1}, what="the unknown model's request to end")
-    wait_until(lambda: sidecar.finished("gate") == {"UNKNOWN": 1}, what="the bad input's request to end")
-    assert sidecar.inflight("gate") == 1  # the held request is still in flight
-    gates.open(gate)
-    assert stream.get(1)[0][1] is None
+    wait_until(lambda: sidecar.finished("gate") == {"OK": 1, "UNKNOWN": 1}, what="held-1 and bad-input to end")
+    assert sidecar.inflight("gate") == 1  # held-2 is still held: the errors ended their own requests
+    gates.open(second)
+    assert stream.get(1)[0][0].get_response().id == "held-2"
     wait_until(lambda: sidecar.inflight("gate") == 0, what="in flight back to 0")
-    assert sidecar.finished("gate") == {"UNKNOWN": 1, "OK": 1}
+    assert sidecar.finished("gate") == {"OK": 2, "UNKNOWN": 1}
     stream.close()
 
 
@@ -154,6 +162,59 @@ def test_decoupled_request_counts_until_final_flag_or_stream_end(sidecar: Sideca
     stream.close()
     wait_until(lambda: sidecar.inflight("decoupled") == 0, what="in flight back to 0 at the stream's end")
     assert sidecar.finished("decoupled") == {"OK": 2}
+
+
+class CompressingUpstream:
+    """A gRPC server in Triton's place whose ModelStreamInfer answers each request with a
+    gzip-compressed non-final response, then (once released) the final one: a Triton
+    started with response compression, and a decoupled model."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4), compression=grpc.Compression.Gzip)
+        handler = grpc.stream_stream_rpc_method_handler(
+            self._stream, request_deserializer=service_pb2.ModelInferRequest.FromString,
+            response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString)
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelStreamInfer": handler})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _stream(self, requests, context):
+        for request in requests:
+            for final in (False, True):
+                if final:
+                    self.release.wait(30)
+                response = service_pb2.ModelStreamInferResponse()
+                response.infer_response.model_name = request.model_name
+                response.infer_response.id = request.id
+                response.infer_response.parameters["triton_final_response"].bool_param = final
+                response.infer_response.parameters["padding"].string_param = "x" * 300  # worth compressing, inside the peek
+                yield response
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.stop(grace=None)
+
+
+def test_compressed_stream_responses_are_read(sidecar_factory) -> None:
+    upstream = CompressingUpstream()
+    try:
+        sidecar = sidecar_factory(f"127.0.0.1:{upstream.port}")
+        stream = Stream(sidecar.url)  # its requests go uncompressed
+        stream.client.async_stream_infer("decoupled", decoupled_inputs(1), request_id="r1")
+        (result, error), = stream.get(1)
+        assert error is None and result.get_response().parameters["triton_final_response"].bool_param is False
+        time.sleep(0.3)  # give a wrong decrement the chance to show
+        assert sidecar.inflight("decoupled") == 1  # the first response said "not final"
+        upstream.release.set()
+        (result, error), = stream.get(1)
+        assert result.get_response().parameters["triton_final_response"].bool_param is True
+        wait_until(lambda: sidecar.inflight("decoupled") == 0, what="in flight back to 0 after the final response")
+        assert sidecar.finished("decoupled") == {"OK": 1}
+        stream.close()
+    finally:
+        upstream.stop()
 
 
 # ------------------------------------------------------------------------------ Triton killed, restarted

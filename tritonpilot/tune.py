@@ -822,7 +822,7 @@ def _write_outputs(opts: TuneOptions, session: Session) -> tuple[Recommendation 
         else:
             header = [f"Recommended by `tritonpilot tune` for model {opts.model} at {opts.url}, "
                       f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
-                      f"From {out / 'results.csv'}; best throughput "
+                      "From results.csv beside this file; best throughput "
                       + ("without a p95 bound" if opts.max_p95_us is None
                          else f"within p95 <= {opts.max_p95_us / 1000:g} ms") + ", errors excluded.",
                       "Check it: tritonpilot check policy.yaml", ""]

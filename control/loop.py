@@ -31,7 +31,8 @@ log = structlog.get_logger(__name__)
 
 
 class Sources(Protocol):
-    """Where the loop reads the world. Each read may fail (None = no data)."""
+    """Where the loop reads the world. Each read may fail (None = no data).
+    An optional `async close()` is called when the loop stops."""
 
     def proxy_snapshot(self, now_s: float) -> ProxySnapshot: ...
 
@@ -50,6 +51,9 @@ class Applier(Protocol):
     def submit(self, request: ReloadRequest) -> bool: ...
 
     def collect(self) -> list[ReloadResult]: ...
+
+    async def close(self) -> None:
+        """Cancel pending reloads (Triton still finishes or refuses a load it has begun)."""
 
 
 class ControllerMetrics:
@@ -99,13 +103,23 @@ class Controller:
 
     async def run(self) -> None:
         log.info("controller.started", models=sorted(self.models), interval_s=self.interval_s, dry_run=self.dry_run)
-        while True:
-            started = self.clock()
-            try:
-                await self.tick(started)
-            except Exception:  # one bad tick must not stop the controller
-                log.exception("controller.tick_failed")
-            await self.sleep(max(0.0, self.interval_s - (self.clock() - started)))
+        try:
+            while True:
+                started = self.clock()
+                try:
+                    await self.tick(started)
+                except Exception:  # one bad tick must not stop the controller
+                    log.exception("controller.tick_failed")
+                await self.sleep(max(0.0, self.interval_s - (self.clock() - started)))
+        finally:
+            # Stopped (the sidecar cancels this task): no reload task or channel outlives it.
+            await self.close()
+
+    async def close(self) -> None:
+        await self.applier.close()
+        close_sources = getattr(self.sources, "close", None)
+        if close_sources is not None:
+            await close_sources()
 
     async def tick(self, now_s: float) -> list[Decision]:
         for result in self.applier.collect():
@@ -270,3 +284,6 @@ class LiveSources:
 
     async def triton_stats(self, model: str) -> StatsSample | None:
         return await self._triton.statistics(model)
+
+    async def close(self) -> None:
+        await self._triton.close()

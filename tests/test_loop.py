@@ -183,6 +183,9 @@ class RecordingApplier:
     def collect(self) -> list[ReloadResult]:
         return []
 
+    async def close(self) -> None:
+        pass
+
 
 @dataclass
 class Loop:
@@ -534,6 +537,36 @@ async def test_run_survives_a_failing_tick_and_paces_itself_by_the_interval() ->
     decided = sum(s.value for f in text_string_to_metric_families(generate_latest(registry).decode())
                   if f.name == "tritonpilot_decisions" for s in f.samples if s.name.endswith("_total"))
     assert decided == 5
+
+
+@scenario
+async def test_stopping_the_loop_cancels_a_pending_reload_and_closes_its_sources() -> None:
+    clock = FakeClock()
+    triton = FakeTriton({MODEL: model_config()})
+    triton.hold = asyncio.Event()  # Triton never answers this load
+    sources = FakeSources(triton)
+    sources.inflight[MODEL] = 8.0
+    closed: list[str] = []
+
+    async def close_sources() -> None:
+        closed.append("sources")
+
+    sources.close = close_sources  # type: ignore[attr-defined]
+    actuator = Actuator(triton, clock=clock)  # type: ignore[arg-type]
+
+    async def fake_sleep(seconds: float) -> None:
+        clock.now_s += seconds
+        await asyncio.sleep(0)
+
+    controller = Controller({MODEL: POLICY}, sources, actuator, clock=clock, sleep=fake_sleep)
+    run = asyncio.create_task(controller.run())
+    while actuator.pending(MODEL) is None:
+        await asyncio.sleep(0)
+    reload_task = actuator._pending[MODEL].task
+    run.cancel()  # what the sidecar does at shutdown
+    await asyncio.gather(run, return_exceptions=True)
+    assert run.cancelled() and reload_task.done() and reload_task.cancelled()
+    assert closed == ["sources"]
 
 
 # ------------------------------------------------------------------------------ GPU memory

@@ -282,3 +282,132 @@ def can_connect(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------------------ a hand-driven HTTP/2 client
+
+
+@dataclass
+class H2Reply:
+    headers: dict[bytes, bytes]
+    trailers: dict[bytes, bytes]
+    messages: list[bytes]
+    reset: int | None = None  # RST_STREAM error code, when the stream was reset
+
+    @property
+    def grpc_status(self) -> int | None:
+        raw = self.trailers.get(b"grpc-status", self.headers.get(b"grpc-status"))
+        return int(raw) if raw is not None else None
+
+
+class H2GrpcClient:
+    """gRPC over a plain socket with the h2 library, for what grpcio never sends: padded or
+    tiny DATA frames, PRIORITY, a small header table, resets mid-message."""
+
+    def __init__(self, url: str, header_table_size: int | None = None) -> None:
+        import h2.config
+        import h2.connection
+
+        host, port = url.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        if header_table_size is not None:
+            self.conn.update_settings({0x1: header_table_size})
+        self.authority = url.encode()
+        self.replies: dict[int, H2Reply] = {}
+        self.done: set[int] = set()
+        self.pings_acked = 0
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def start(self, path: str, metadata: list[tuple[bytes, bytes]] = (), priority: bool = False) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
+                   (b":authority", self.authority), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                   *metadata]
+        self.conn.send_headers(stream_id, headers, priority_weight=200 if priority else None)
+        self.replies[stream_id] = H2Reply({}, {}, [])
+        self._flush()
+        return stream_id
+
+    def send(self, stream_id: int, message: bytes, frame_bytes: int | None = None, pad_length: int | None = None,
+             end_stream: bool = True) -> None:
+        """One gRPC message, cut into DATA frames of frame_bytes (all of it in one by default)."""
+        body = b"\x00" + len(message).to_bytes(4, "big") + message
+        step = frame_bytes or len(body)
+        for i in range(0, len(body), step):
+            last = i + step >= len(body)
+            while self.conn.local_flow_control_window(stream_id) < step + (pad_length or 0) + 1:
+                self._read_once()
+            self.conn.send_data(stream_id, body[i:i + step], end_stream=end_stream and last, pad_length=pad_length)
+            self._flush()
+
+    def reset(self, stream_id: int) -> None:
+        self.conn.reset_stream(stream_id, 0x8)  # CANCEL
+        self.done.add(stream_id)
+        self._flush()
+
+    def ping(self) -> None:
+        self.conn.ping(b"tp-ping!")
+        self._flush()
+
+    def _read_once(self) -> None:
+        import h2.events
+
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the proxy closed the connection")
+        for event in self.conn.receive_data(data):
+            sid = getattr(event, "stream_id", None)
+            reply = self.replies.get(sid) if sid is not None else None
+            if isinstance(event, h2.events.ResponseReceived) and reply is not None:
+                reply.headers = dict(event.headers)
+            elif isinstance(event, h2.events.TrailersReceived) and reply is not None:
+                reply.trailers = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if reply is not None:
+                    reply.messages.append(event.data)  # joined and split into messages at the end
+            elif isinstance(event, h2.events.StreamEnded):
+                self.done.add(sid)
+            elif isinstance(event, h2.events.StreamReset):
+                if reply is not None:
+                    reply.reset = event.error_code
+                self.done.add(sid)
+            elif isinstance(event, h2.events.PingAckReceived):
+                self.pings_acked += 1
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                raise ConnectionError(f"GOAWAY {event.error_code}")
+        self._flush()
+
+    def wait(self, stream_id: int) -> H2Reply:
+        while stream_id not in self.done:
+            self._read_once()
+        reply = self.replies[stream_id]
+        body, messages = b"".join(reply.messages), []
+        while len(body) >= 5:
+            n = int.from_bytes(body[1:5], "big")
+            messages.append(body[5:5 + n])
+            body = body[5 + n:]
+        reply.messages = messages
+        return reply
+
+    def call(self, path: str, message: bytes, **send_options: Any) -> H2Reply:
+        metadata = send_options.pop("metadata", ())
+        priority = send_options.pop("priority", False)
+        stream_id = self.start(path, metadata, priority)
+        self.send(stream_id, message, **send_options)
+        return self.wait(stream_id)
+
+    def close(self) -> None:
+        try:
+            self.conn.close_connection()
+            self._flush()
+        except OSError:
+            pass
+        self.sock.close()

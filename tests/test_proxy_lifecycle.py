@@ -334,6 +334,10 @@ def test_sigterm_lets_open_calls_and_streams_finish_then_exits_0(
     # No new connections, while the open ones go on.
     wait_until(lambda: not can_connect(serve.port), what="the listener to close")
     assert serve.proc.poll() is None
+    # A new call on a connection that is still open is refused too, at once.
+    started = time.monotonic()
+    refused = outcome(lambda: unary.is_server_live(client_timeout=20))
+    assert refused.code == "StatusCode.UNAVAILABLE" and time.monotonic() - started < 10
 
     gates.open(gate)
     unary_results = [done.get(timeout=60) for _ in range(3)]

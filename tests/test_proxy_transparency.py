@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +17,8 @@ import tritonclient.utils.shared_memory as shm
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from proxy_support import (HEALTH_SERVING, Outcome, SidecarThread, fp32_inputs, gate_inputs, health_check,
-                           outcome, wait_until)
+from proxy_support import (HEALTH_SERVING, H2GrpcClient, Outcome, SidecarThread, fp32_inputs, gate_inputs,
+                           health_check, outcome, wait_until)
 from tritonpilot.embedded import EmbeddedTriton
 
 pytestmark = pytest.mark.triton
@@ -189,6 +190,15 @@ def stream_results(url: str, requests: list[dict[str, Any]], timeout_s: float = 
         client.close()
 
 
+def by_request(results: list[Any]) -> dict[str, list[Any]]:
+    """Stream results per request id, in order: responses of different requests interleave freely."""
+    grouped: dict[str, list[Any]] = {}
+    for model, request_id, outputs, final in results:
+        assert model == "decoupled"
+        grouped.setdefault(request_id, []).append((outputs, final))
+    return grouped
+
+
 def decoupled_request(n: int, request_id: str) -> dict[str, Any]:
     inp = grpcclient.InferInput("IN", [1], "INT32")
     inp.set_data_from_numpy(np.array([n], dtype=np.int32))
@@ -197,19 +207,30 @@ def decoupled_request(n: int, request_id: str) -> dict[str, Any]:
 
 def test_stream_infer_decoupled_responses_and_final_flags(triton: EmbeddedTriton, sidecar: SidecarThread) -> None:
     requests = [decoupled_request(3, "a"), decoupled_request(0, "b"), decoupled_request(2, "c")]
-    direct = stream_results(triton.grpc_url, requests)
-    proxied = stream_results(sidecar.url, requests)
+    direct = by_request(stream_results(triton.grpc_url, requests))
+    proxied = by_request(stream_results(sidecar.url, requests))
     assert proxied == direct
     # 3 + 0 + 2 data responses, each request closed by an empty final one.
-    assert [r for r in direct if r[2]] == [
-        ("decoupled", "a", {"OUT": [0]}, False), ("decoupled", "a", {"OUT": [1]}, False),
-        ("decoupled", "a", {"OUT": [2]}, False), ("decoupled", "c", {"OUT": [0]}, False),
-        ("decoupled", "c", {"OUT": [1]}, False)]
-    assert sorted(r[1] for r in direct if r[3] is True) == ["a", "b", "c"]
+    assert direct == {
+        "a": [({"OUT": [0]}, False), ({"OUT": [1]}, False), ({"OUT": [2]}, False), ({}, True)],
+        "b": [({}, True)],
+        "c": [({"OUT": [0]}, False), ({"OUT": [1]}, False), ({}, True)],
+    }
     # The final flags ended each request in the proxy's count.
     m = wait_until(lambda: sidecar.model("decoupled"), what="decoupled stats")
     assert m.started_total == 3 and m.finished_total == {"OK": 3}
     wait_until(lambda: sidecar.inflight("decoupled") == 0, what="decoupled in flight back to 0")
+
+
+def test_stream_infer_decoupled_many_interleaved_requests(triton: EmbeddedTriton, sidecar: SidecarThread) -> None:
+    requests = [decoupled_request(n, f"req-{i}") for i, n in enumerate((40, 1, 25, 0, 60, 7))]
+    direct = by_request(stream_results(triton.grpc_url, requests))
+    proxied = by_request(stream_results(sidecar.url, requests))
+    assert proxied == direct
+    assert {rid: len(responses) for rid, responses in direct.items()} == {
+        "req-0": 41, "req-1": 2, "req-2": 26, "req-3": 1, "req-4": 61, "req-5": 8}
+    wait_until(lambda: sidecar.inflight("decoupled") == 0, what="decoupled in flight back to 0")
+    assert sidecar.finished("decoupled") == {"OK": 6}
 
 
 def sequence_request(sequence_id: int, value: int, start: bool = False, end: bool = False) -> dict[str, Any]:
@@ -293,6 +314,35 @@ def test_gzip_request_counts_in_flight_for_its_model(gate_triton: EmbeddedTriton
     client.close()
 
 
+def test_concurrent_calls_from_many_threads_come_back_right(sidecar: SidecarThread) -> None:
+    shared = grpcclient.InferenceServerClient(sidecar.url)  # one connection, many streams at once
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        own = grpcclient.InferenceServerClient(sidecar.url)
+        for i in range(40):
+            client = shared if i % 2 else own
+            data = np.full(1 + (k * 40 + i) % 700, k * 1000 + i, dtype=np.float32)
+            try:
+                out = client.infer("identity_fp32", fp32_inputs(data), request_id=f"{k}-{i}",
+                                   headers={"x-worker": str(k)}, client_timeout=60)
+                if out.get_response().id != f"{k}-{i}" or out.as_numpy("OUTPUT0").tolist() != data.tolist():
+                    failures.append(f"{k}-{i}: wrong answer")
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                failures.append(f"{k}-{i}: {exc!r}")
+        own.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    shared.close()
+    assert failures == []
+    assert sidecar.finished("identity_fp32") == {"OK": 320}
+    assert sidecar.model("identity_fp32").inflight == 0
+
+
 def test_health_check_is_answered_by_the_proxy(sidecar: SidecarThread) -> None:
     assert health_check(sidecar.url) == ("OK", HEALTH_SERVING)
     # ... and the connection stays usable for Triton's RPCs afterwards.
@@ -316,3 +366,63 @@ def test_many_calls_on_one_connection_keep_hpack_in_step(clients) -> None:
         if i % 50 == 0:
             assert not proxied.is_model_ready("no_such_model", headers=headers)
     assert json.dumps(proxied.get_server_metadata(as_json=True)) == json.dumps(direct.get_server_metadata(as_json=True))
+
+
+# ------------------------------------------------------------------------------ frames grpcio never sends
+
+
+def infer_request_bytes(model: str, data: np.ndarray, request_id: str = "") -> bytes:
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32")
+    tensor.shape.extend(data.shape)
+    request.raw_input_contents.append(data.tobytes())
+    return request.SerializeToString()
+
+
+def h2_session(url: str) -> list[Any]:
+    """A scripted session of odd but valid HTTP/2: what each call came back with."""
+    client = H2GrpcClient(url, header_table_size=96)  # Triton's encoder must evict all the time
+    data = np.arange(300, dtype=np.float32)
+    seen: list[Any] = []
+    try:
+        infer = "/inference.GRPCInferenceService/ModelInfer"
+        for i in range(12):
+            metadata = [(f"x-churn-{i}".encode(), f"value-{i}".encode() * 3)]
+            reply = client.call(infer, infer_request_bytes("identity_fp32", data, f"r{i}"), metadata=metadata,
+                                frame_bytes=7 if i % 2 else None, pad_length=(i % 4) * 5 or None, priority=i % 3 == 0)
+            if reply.messages:
+                response = service_pb2.ModelInferResponse.FromString(reply.messages[0])
+                output = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+                seen.append((reply.grpc_status, reply.reset, response.id, output.tolist() == data.tolist()))
+            else:
+                seen.append((reply.grpc_status, reply.reset))
+        reply = client.call("/inference.GRPCInferenceService/ModelMetadata",
+                            service_pb2.ModelMetadataRequest(name="no_such_model").SerializeToString())
+        seen.append((reply.grpc_status, {**reply.headers, **reply.trailers}.get(b"grpc-message")))
+        client.ping()
+        # A request reset halfway through its message: the connection goes on.
+        stream_id = client.start(infer)
+        half = infer_request_bytes("identity_fp32", data, "reset")
+        client.send(stream_id, half[:len(half) // 2] + b"", end_stream=False)
+        client.reset(stream_id)
+        reply = client.call("/inference.GRPCInferenceService/ServerLive",
+                            service_pb2.ServerLiveRequest().SerializeToString(), frame_bytes=1)
+        seen.append((reply.grpc_status, service_pb2.ServerLiveResponse.FromString(reply.messages[0]).live))
+        seen.append(("pings acked", client.pings_acked))
+    finally:
+        client.close()
+    return seen
+
+
+def test_padded_fragmented_prioritized_frames_and_a_tiny_header_table(
+        triton: EmbeddedTriton, sidecar: SidecarThread) -> None:
+    direct = h2_session(triton.grpc_url)
+    proxied = h2_session(sidecar.url)
+    assert proxied == direct
+    # grpc-core refuses padded DATA frames (RST_STREAM PROTOCOL_ERROR): so does Triton behind the proxy.
+    assert direct[:12] == [(None, 1) if i % 4 else (0, None, f"r{i}", True) for i in range(12)]
+    assert direct[12][0] == 5 and b"no_such_model" in direct[12][1]
+    assert direct[13] == (0, True) and direct[14] == ("pings acked", 1)
+    # The model name was read through padding and 7-byte frames; the reset calls ended CANCELLED.
+    wait_until(lambda: sidecar.inflight("identity_fp32") == 0, what="in flight back to 0")
+    assert sidecar.finished("identity_fp32") == {"OK": 3, "CANCELLED": 10}

@@ -62,6 +62,9 @@ GRPC_OK, GRPC_CANCELLED, GRPC_UNKNOWN, GRPC_DEADLINE_EXCEEDED = 0, 1, 2, 4
 GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_UNAVAILABLE = 7, 8, 12, 14
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+# A client reset this close to its deadline counts as DEADLINE_EXCEEDED (see _cancel_code).
+_DEADLINE_SLACK_S = 0.05
+_DEADLINE_SLACK_RATIO = 0.01
 
 
 @dataclass(frozen=True)
@@ -513,8 +516,16 @@ class Pair:
         return True
 
     def _cancel_code(self, stream: _Stream) -> int:
-        if stream.deadline_s is not None and time.monotonic() >= stream.deadline_s:
-            return GRPC_DEADLINE_EXCEEDED
+        """DEADLINE_EXCEEDED for a client's reset at its deadline, else CANCELLED.
+
+        The relay's copy of the deadline starts when it reads the headers, later than the
+        client's clock did, and the client resets the stream the moment its own deadline
+        passes: so a reset within a little of the relay's deadline is the deadline.
+        """
+        if stream.deadline_s is not None:
+            slack_s = max(_DEADLINE_SLACK_S, _DEADLINE_SLACK_RATIO * (stream.deadline_s - stream.started_s))
+            if time.monotonic() >= stream.deadline_s - slack_s:
+                return GRPC_DEADLINE_EXCEEDED
         return GRPC_CANCELLED
 
     def _finish(self, stream: _Stream, code: int, now: float) -> None:

@@ -196,6 +196,11 @@ class Gates:
         Path(path).touch()
 
     @staticmethod
+    def holding(path: str) -> bool:
+        """The model is executing (holding) a request of this gate."""
+        return os.path.exists(path + ".held")
+
+    @staticmethod
     def saw_cancel(path: str) -> bool:
         return os.path.exists(path + ".cancelled")
 

@@ -18,6 +18,8 @@ class TritonPythonModel:
             path = gate.as_numpy().reshape(-1)[0].decode() if gate is not None else None
             error = None
             give_up = time.monotonic() + _MAX_HOLD_S
+            if path is not None and not os.path.exists(path):
+                open(path + ".held", "w").close()  # the test may now cancel an executing request
             while path is not None and not os.path.exists(path):
                 if request.is_cancelled():
                     open(path + ".cancelled", "w").close()

@@ -118,6 +118,7 @@ def test_client_cancel_cancels_the_upstream_call(gate_triton: EmbeddedTriton, si
     # The gate is still closed: only the cancel can have ended it, in the proxy too.
     assert sidecar.inflight("gate") == 0
     assert sidecar.finished("gate") == {"CANCELLED": 1}
+    assert sidecar.metric("tritonpilot_requests_total", model="gate", code="CANCELLED") == 1
     assert not (gates.directory / gate.rsplit("/", 1)[-1]).exists()
 
 

@@ -302,6 +302,12 @@ def test_triton_unreachable_fails_fast_and_health_still_answers(sidecar_factory)
         finally:
             await aio.close()
 
+    # A large request too: refused at once, not after its upload.
+    started = time.monotonic()
+    big = outcome(lambda: grpcclient.InferenceServerClient(sidecar.url).infer(
+        "identity_fp32", fp32_inputs(np.ones(4 * 1024 * 1024, dtype=np.float32)), client_timeout=30))
+    assert big.code == "StatusCode.UNAVAILABLE" and time.monotonic() - started < 10.0
+
     started = time.monotonic()
     failures = asyncio.run(many_at_once())
     assert time.monotonic() - started < 5.0

@@ -187,6 +187,33 @@ def test_ignored_flags_stay_out_of_the_policy() -> None:
     assert yaml.safe_load(text) == rec.policy
 
 
+def test_rounds_alternate_direction() -> None:
+    combos = tn.plan(tn.FIELD_REPORT_PROFILES[:2], [1, 2])
+    assert [(r, c.label) for r, c in tn.plan_rounds(combos, 3)] == [
+        (1, "defaults x1"), (1, "defaults x2"), (1, "inference-mode x1"), (1, "inference-mode x2"),
+        (2, "inference-mode x2"), (2, "inference-mode x1"), (2, "defaults x2"), (2, "defaults x1"),
+        (3, "defaults x1"), (3, "defaults x2"), (3, "inference-mode x1"), (3, "inference-mode x2"),
+    ]
+
+
+def test_rounds_combine_to_the_median_per_level_and_keep_the_first_failure() -> None:
+    a = tn.Combination(PROFILES["defaults"], 1)
+    b = tn.Combination(PROFILES["inference-mode"], 1)
+    runs = [
+        tn.CombinationResult(a, "ok", (level(1, 80, 10), level(2, 100, 20)), reload_s=3.0),
+        tn.CombinationResult(b, "failed", (), reload_s=1.0, error="load failed"),
+        tn.CombinationResult(b, "ok", (level(1, 90, 11),), reload_s=4.0),
+        tn.CombinationResult(a, "ok", (level(1, 60, 30), level(2, 110, 22)), reload_s=5.0),
+        tn.CombinationResult(a, "ok", (level(1, 70, 12), level(2, 90, 21)), reload_s=4.0),
+    ]
+    combined = tn.combine_rounds([a, b], runs)
+    assert [(r.combination, r.status, r.rounds, r.reload_s, r.error) for r in combined] == [
+        (a, "ok", 3, 4.0, ""), (b, "failed", 1, 2.5, "load failed")]
+    assert [(lv.level, lv.throughput_infer_per_s, lv.p95_us, lv.windows) for lv in combined[0].levels] == [
+        (1.0, 70, 12_000, 3), (2.0, 100, 21_000, 3)]
+    assert [lv.throughput_infer_per_s for lv in combined[1].levels] == [90]
+
+
 def test_results_rows_cover_every_planned_level_even_after_a_failure() -> None:
     rows = tn.result_rows([FIELD[0], result("inference-mode", 2, status="failed")], [1, 4], max_p95_us=20_000)
     assert [(r["profile"], r["instances"], r["concurrency"], r["status"], r["within_p95_bound"]) for r in rows] == [

@@ -16,7 +16,10 @@ profile's `min_instances` (1 unless the profile says otherwise). The built-in
 `multi-instance` profile has min_instances 2: DISABLE_OPTIMIZED_EXECUTION is the
 field report's remedy for several instances sharing one device, so it is not
 measured at one instance. Profiles with no count left are listed as skipped.
-Order: profile by profile, counts ascending.
+Order: profile by profile, counts ascending. With --rounds N the whole plan runs N
+times, every other round backwards, and each level keeps the median over the rounds:
+on a shared machine, load that comes and goes would otherwise be charged to whichever
+profile happened to run then.
 
 Flags the profiles set are the "managed" keys: applying a profile sets its keys
 and removes the other managed keys, so `defaults` really runs without them. Other
@@ -39,6 +42,7 @@ import csv
 import datetime as dt
 import json
 import signal
+import statistics
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -246,10 +250,46 @@ class CombinationResult:
     levels: tuple[LevelResult, ...] = ()
     reload_s: float | None = None
     error: str = ""
+    rounds: int = 1  # how many rounds measured it (combine_rounds)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+def plan_rounds(combinations: Sequence[Combination], rounds: int) -> list[tuple[int, Combination]]:
+    """(round, combination) in run order: odd rounds run the plan backwards, so a
+    machine that slowly gets busier or quieter weighs on every combination alike."""
+    order: list[tuple[int, Combination]] = []
+    for r in range(1, rounds + 1):
+        order += [(r, c) for c in (combinations if r % 2 else list(reversed(combinations)))]
+    return order
+
+
+def combine_rounds(combinations: Sequence[Combination],
+                   runs: Sequence[CombinationResult]) -> list[CombinationResult]:
+    """One result per combination (plan order) from its rounds: per concurrency level the
+    median of the rounds' rates and latencies (benchlib.combine_windows), the median
+    reload time; "ok" only if every round was, else the first other status and error."""
+    from tritonpilot.benchlib import combine_windows
+
+    out = []
+    for c in combinations:
+        mine = [r for r in runs if r.combination == c]
+        if not mine:
+            continue
+        by_level: dict[float, list[LevelResult]] = {}
+        for r in mine:
+            for lv in r.levels:
+                by_level.setdefault(lv.level, []).append(lv)
+        levels = tuple(combine_windows(by_level[k]) for k in sorted(by_level))
+        bad = next((r for r in mine if not r.ok), None)
+        reloads = [r.reload_s for r in mine if r.reload_s is not None]
+        out.append(CombinationResult(
+            c, "ok" if bad is None else bad.status, levels,
+            statistics.median(reloads) if reloads else None, "" if bad is None else bad.error,
+            rounds=sum(1 for r in mine if r.levels)))
+    return out
 
 
 def within_bound(level: LevelResult, max_p95_us: float | None) -> bool:
@@ -380,7 +420,7 @@ def policy_text(rec: Recommendation, header: Sequence[str]) -> str:
 
 
 RESULT_FIELDS = [
-    "profile", "instances", "parameters", "status", "reload_s", "concurrency", "windows", "window_s",
+    "profile", "instances", "parameters", "status", "reload_s", "concurrency", "rounds", "windows", "window_s",
     "throughput_infer_per_s", "p50_us", "p95_us", "p99_us", "mean_us", "count", "errors", "errors_by_code",
     "within_p95_bound", "error",
 ]
@@ -409,7 +449,7 @@ def result_rows(results: Sequence[CombinationResult], concurrency: Sequence[int]
             row = {**base, "concurrency": n}
             if lv is not None:
                 row.update({
-                    "windows": lv.windows, "window_s": f"{lv.window_s:.3f}",
+                    "rounds": r.rounds, "windows": lv.windows, "window_s": f"{lv.window_s:.3f}",
                     "throughput_infer_per_s": f"{lv.throughput_infer_per_s:.3f}",
                     "p50_us": _us(lv.p50_us), "p95_us": _us(lv.p95_us), "p99_us": _us(lv.p99_us),
                     "mean_us": _us(lv.mean_us), "count": lv.count, "errors": lv.error_count,
@@ -519,6 +559,7 @@ class TuneOptions:
     window_s: float
     warmup_s: float
     windows: int
+    rounds: int
     batch_size: int
     reload_timeout_s: float
     min_gain_ratio: float
@@ -556,6 +597,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measurement-interval-ms", type=int, default=5000, help="window length (default 5000)")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="load before each level's window (default 2)")
     parser.add_argument("--windows", type=int, default=1, help="windows per level, the median is kept (default 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole plan this many times, every other round backwards, and keep the "
+                             "median per level: spreads a shared machine's drift over all combinations (default 1)")
     parser.add_argument("--batch-size", type=int, default=1, help="for models with max_batch_size > 0 (default 1)")
     parser.add_argument("--reload-timeout-s", type=float, default=DEFAULT_RELOAD_TIMEOUT_S,
                         help=f"per reload (default {DEFAULT_RELOAD_TIMEOUT_S:g})")
@@ -574,8 +618,8 @@ def options_from_args(args: argparse.Namespace) -> TuneOptions:
         raise TuneError(str(exc)) from None
     if args.max_p95_ms is not None and not args.max_p95_ms > 0:
         raise TuneError(f"--max-p95-ms {args.max_p95_ms:g}: must be > 0")
-    if args.measurement_interval_ms <= 0 or args.windows < 1 or args.warmup_s < 0:
-        raise TuneError("--measurement-interval-ms and --windows must be > 0, --warmup-s >= 0")
+    if args.measurement_interval_ms <= 0 or args.windows < 1 or args.rounds < 1 or args.warmup_s < 0:
+        raise TuneError("--measurement-interval-ms, --windows and --rounds must be > 0, --warmup-s >= 0")
     if args.batch_size < 1 or args.reload_timeout_s <= 0 or args.min_gain_ratio < 0:
         raise TuneError("--batch-size and --reload-timeout-s must be > 0, --min-gain-ratio >= 0")
     profiles = load_profiles(args.profiles)
@@ -589,6 +633,7 @@ def options_from_args(args: argparse.Namespace) -> TuneOptions:
         url=url, model=args.model, profiles=profiles, counts=tuple(counts), concurrency=tuple(concurrency),
         max_p95_us=None if args.max_p95_ms is None else args.max_p95_ms * 1000,
         window_s=args.measurement_interval_ms / 1000, warmup_s=args.warmup_s, windows=args.windows,
+        rounds=args.rounds,
         batch_size=args.batch_size, reload_timeout_s=args.reload_timeout_s, min_gain_ratio=args.min_gain_ratio,
         out=args.out, profiles_source=args.profiles,
     )
@@ -601,7 +646,8 @@ def options_from_args(args: argparse.Namespace) -> TuneOptions:
 class Session:
     """What a run has done so far; the restore and the reports read it."""
 
-    results: list[CombinationResult] = field(default_factory=list)
+    runs: list[CombinationResult] = field(default_factory=list)  # one per (round, combination) run
+    results: list[CombinationResult] = field(default_factory=list)  # per combination, rounds combined
     touched: bool = False  # a reload was submitted: the original config must go back
     interrupted: str | None = None  # the signal's name
     aborted: str | None = None  # why the run stopped early (Triton gone)
@@ -688,19 +734,21 @@ async def _reload(actuator: Any, opts: TuneOptions, combination: Combination) ->
 async def _measure_all(opts: TuneOptions, inputs: Any, actuator: Any, session: Session, ui: Ui) -> None:
     from tritonpilot import benchlib
 
-    combos = opts.combinations
-    for i, combination in enumerate(combos, 1):
-        head = f"[{i}/{len(combos)}] {combination.label}"
+    order = plan_rounds(opts.combinations, opts.rounds)
+    for i, (round_, combination) in enumerate(order, 1):
+        head = f"[{i}/{len(order)}] {combination.label}"
+        if opts.rounds > 1:
+            head += f" (round {round_}/{opts.rounds})"
         ui.step(f"{head}: reloading")
         session.touched = True
         try:
             reload = await _reload(actuator, opts, combination)
         except asyncio.CancelledError:
-            session.results.append(CombinationResult(combination, "interrupted", error="during the reload"))
+            session.runs.append(CombinationResult(combination, "interrupted", error="during the reload"))
             raise
         ui.step(f"{head}: reloaded", RELOAD_ESTIMATE_S)
         if not reload.ok:
-            session.results.append(CombinationResult(combination, reload.result, (), reload.duration_s, reload.error))
+            session.runs.append(CombinationResult(combination, reload.result, (), reload.duration_s, reload.error))
             ui.note(f"{head}: reload {reload.result} after {reload.duration_s:.1f} s: {reload.error}")
             ui.step(f"{head}: skipped", len(opts.concurrency) * opts.level_s())
             if reload.result == "unavailable":
@@ -716,16 +764,17 @@ async def _measure_all(opts: TuneOptions, inputs: Any, actuator: Any, session: S
                     opts.url, opts.model, n, opts.window_s, inputs, warmup_s=opts.warmup_s, windows=opts.windows))
                 ui.step(f"{head}: concurrency {n}", opts.level_s())
         except asyncio.CancelledError:
-            session.results.append(CombinationResult(combination, "interrupted", tuple(levels), reload.duration_s))
+            session.runs.append(CombinationResult(combination, "interrupted", tuple(levels), reload.duration_s))
             raise
         result = CombinationResult(combination, "ok", tuple(levels), reload.duration_s)
-        session.results.append(result)
-        ui.report(_combination_report(result))
+        session.runs.append(result)
+        ui.report(_combination_report(result, round_ if opts.rounds > 1 else None))
 
 
-def _combination_report(result: CombinationResult) -> str:
+def _combination_report(result: CombinationResult, round_: int | None = None) -> str:
     c = result.combination
-    return "\n".join([f"=== {c.profile.name} x {c.instances} instance(s): {c.profile.flags_text()} ===",
+    in_round = "" if round_ is None else f" (round {round_})"
+    return "\n".join([f"=== {c.profile.name} x {c.instances} instance(s){in_round}: {c.profile.flags_text()} ===",
                       perf_analyzer_summary(result.levels), "", detail_table(result.levels, []), ""])
 
 
@@ -782,8 +831,9 @@ async def tune(opts: TuneOptions, ui: Ui, session: Session) -> None:
         inputs, original = await _preflight(client, opts)
         (opts.out / "original-config.json").write_text(json.dumps(original, indent=2) + "\n")
         ui.start()
+        rounds = f" x {opts.rounds} rounds" if opts.rounds > 1 else ""
         ui.note(f"tune {opts.model} at {opts.url}: {len(opts.combinations)} combinations x "
-                f"{len(opts.concurrency)} levels, about {ui.total_s / 60:.1f} min")
+                f"{len(opts.concurrency)} levels{rounds}, about {ui.total_s / 60:.1f} min")
         work = asyncio.create_task(_measure_all(opts, inputs, actuator, session, ui))
         with _interrupts(asyncio.get_running_loop(), work, session):
             try:
@@ -798,6 +848,7 @@ async def tune(opts: TuneOptions, ui: Ui, session: Session) -> None:
             ui.step("restoring the original config")
             session.restore_error = await _restore(client, opts, original)
             session.restored = session.restore_error is None
+        session.results = combine_rounds(opts.combinations, session.runs)
         ui.step("done" if session.interrupted is None else f"interrupted ({session.interrupted})")
         ui.stop()
         await client.close()
@@ -844,7 +895,8 @@ def summary_markdown(opts: TuneOptions, session: Session, rec: Recommendation | 
         f"- profiles: {opts.profiles_source}; instances: {', '.join(map(str, opts.counts))}; "
         f"concurrency: {', '.join(map(str, opts.concurrency))}",
         f"- each level: {opts.warmup_s:g} s warm-up, then {opts.windows} x {opts.window_s:g} s "
-        f"window(s) (median kept); batch size {opts.batch_size}",
+        f"window(s) (median kept); batch size {opts.batch_size}"
+        + (f"; {opts.rounds} rounds, every other one backwards, median per level" if opts.rounds > 1 else ""),
         f"- latency bound: {bound}",
         "",
         "| profile | min instances | parameters |",
@@ -856,8 +908,8 @@ def summary_markdown(opts: TuneOptions, session: Session, rec: Recommendation | 
     if skipped:
         lines += [f"Skipped (no --instances count >= their min_instances): {', '.join(p.name for p in skipped)}.", ""]
     if session.interrupted:
-        lines += [f"**Interrupted ({session.interrupted})** after {len(session.results)} of "
-                  f"{len(opts.combinations)} combinations: partial results, no policy.", ""]
+        lines += [f"**Interrupted ({session.interrupted})** after {len(session.runs)} of "
+                  f"{len(opts.combinations) * opts.rounds} runs: partial results, no policy.", ""]
     if session.aborted:
         lines += [f"**Stopped early:** {session.aborted}", ""]
     lines += ["## Ranked: best throughput within the bound", "",
@@ -883,7 +935,7 @@ def summary_markdown(opts: TuneOptions, session: Session, rec: Recommendation | 
         c = r.combination
         lines += [f"### {c.profile.name} x {c.instances} instance(s)", "",
                   f"{c.profile.flags_text()}; reload {'-' if r.reload_s is None else f'{r.reload_s:.1f} s'}; "
-                  f"status {r.status}", ""]
+                  f"status {r.status}" + (f"; median of {r.rounds} rounds" if r.rounds > 1 else ""), ""]
         if r.levels:
             lines += [markdown_table(LEVEL_HEADER, level_rows(r.levels)), ""]
     lines += ["![throughput and p95 by concurrency](chart.png)", ""]
@@ -904,7 +956,7 @@ def run(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"tritonpilot tune: warning: {warning}", file=sys.stderr)
     combos = opts.combinations
-    total_s = len(combos) * (RELOAD_ESTIMATE_S + len(opts.concurrency) * opts.level_s())
+    total_s = opts.rounds * len(combos) * (RELOAD_ESTIMATE_S + len(opts.concurrency) * opts.level_s())
     ui = Ui(total_s)
     session = Session()
     try:

@@ -1,7 +1,7 @@
 """The field report, reproduced: the report's four configurations, tuned with
 `tritonpilot tune` on the example restoration CNN, written up as docs/seed-experiment.md.
 
-    bash scripts/seed-experiment                  # build, serve, tune, write the doc (about 6 min)
+    bash scripts/seed-experiment                  # build, serve, tune, write the doc (about 8 min)
     python deploy/examples/seed_experiment.py --render-only DIR   # rewrite the doc from a kept run
 
 Steps: build the CNN's model directory with the TorchScript runner (its config sets
@@ -51,9 +51,10 @@ NOISE_FLOOR_RATIO = 0.05
 DEFAULTS = {
     "instances": "1,2,4",
     "concurrency_range": "1:4",
-    "measurement_interval_ms": 2000,
+    "measurement_interval_ms": 2500,
     "warmup_s": 1.0,
-    "windows": 3,
+    "windows": 1,
+    "rounds": 2,
     "max_p95_ms": 60.0,
 }
 
@@ -115,13 +116,22 @@ def time_forward(repeats: int = 60) -> list[dict[str, Any]]:
     return out
 
 
+def load_average() -> str:
+    """1-minute load average: how busy the shared machine was (2 = both cores)."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
 def tune_argv(url: str, model: str, out: Path, settings: dict[str, Any]) -> list[str]:
     return [
         "tune", "--triton", url, "--model", model, "--profiles", "field-report",
         "--instances", str(settings["instances"]), "--concurrency-range", str(settings["concurrency_range"]),
         "--max-p95-ms", f"{settings['max_p95_ms']:g}",
         "--measurement-interval-ms", str(settings["measurement_interval_ms"]),
-        "--warmup-s", f"{settings['warmup_s']:g}", "--windows", str(settings["windows"]), "--out", str(out),
+        "--warmup-s", f"{settings['warmup_s']:g}", "--windows", str(settings["windows"]),
+        "--rounds", str(settings["rounds"]), "--out", str(out),
     ]
 
 
@@ -135,6 +145,7 @@ def run_experiment(work: Path, settings: dict[str, Any]) -> int:
     repository = work / "repo"
     model_dir = cnn.build(repository)
     print(f"built {model_dir}", file=sys.stderr)
+    load_before = load_average()
     forward = time_forward()  # before Triton starts: nothing else of ours on the cores
     started = time.monotonic()
     triton = EmbeddedTriton(repository, load_models=[cnn.DEFAULT_NAME], log_path=work / "tritonserver.log",
@@ -155,6 +166,7 @@ def run_experiment(work: Path, settings: dict[str, Any]) -> int:
         "triton_server": server_version,
         "settings": settings,
         "forward_in_process": forward,
+        "load_average_1m": {"before": load_before, "after": load_average()},
         "machine": machine(),
     }
     (work / "tune" / "run.json").write_text(json.dumps(run, indent=2) + "\n")
@@ -290,11 +302,16 @@ def render(tune_dir: Path, doc: Path) -> None:
       + (f" ({ms(c1['p50_us'])} ms p50 per request at concurrency 1, defaults)." if c1 and c1["p50_us"] else "."))
     w(f"- Triton {run['triton_server']} from nvidia-pytriton {m['nvidia-pytriton']}, torch {m['torch']}, "
       f"Python {m['python']}; {m['platform']}.")
+    load = run.get("load_average_1m")
     w(f"- Each runner instance is its own process with 1 intra-op thread, so n instances can use n cores; "
-      f"this machine has {m['cores_usable']}. The load generator and Triton share those cores.")
+      f"this machine has {m['cores_usable']}. The load generator and Triton share those cores"
+      + (f", and so did other people's work: the 1-minute load average was {load['before']} before the run "
+         f"and {load['after']} after it." if load else "."))
     w(f"- `tritonpilot tune`: instance counts {settings['instances']}, closed-loop concurrency "
       f"{settings['concurrency_range']}, per level {settings['warmup_s']:g} s warm-up then "
-      f"{settings['windows']} windows of {settings['measurement_interval_ms'] / 1000:g} s, the median kept; "
+      f"{settings['windows']} window(s) of {settings['measurement_interval_ms'] / 1000:g} s; "
+      f"the whole plan {settings.get('rounds', 1)} times (the second round backwards), "
+      "the median per level kept; "
       f"p95 bound {settings['max_p95_ms']:g} ms. "
       "Every combination is a full reload through the controller's actuator, verified from Triton's "
       "config and READY; the original config is restored at the end.")
@@ -466,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measurement-interval-ms", type=int, default=DEFAULTS["measurement_interval_ms"])
     parser.add_argument("--warmup-s", type=float, default=DEFAULTS["warmup_s"])
     parser.add_argument("--windows", type=int, default=DEFAULTS["windows"])
+    parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
     parser.add_argument("--max-p95-ms", type=float, default=DEFAULTS["max_p95_ms"])
     args = parser.parse_args(argv)
     if args.render_only:
@@ -476,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     settings = {"instances": args.instances, "concurrency_range": args.concurrency_range,
                 "measurement_interval_ms": args.measurement_interval_ms, "warmup_s": args.warmup_s,
-                "windows": args.windows,
+                "windows": args.windows, "rounds": args.rounds,
                 "max_p95_ms": args.max_p95_ms}
     code = run_experiment(work, settings)
     if code in (0, 1) and (work / "tune" / "results.csv").exists():

@@ -309,7 +309,7 @@ class H2GrpcClient:
     """gRPC over a plain socket with the h2 library, for what grpcio never sends: padded or
     tiny DATA frames, PRIORITY, a small header table, resets mid-message."""
 
-    def __init__(self, url: str, header_table_size: int | None = None) -> None:
+    def __init__(self, url: str, header_table_size: int | None = None, trickle: bool = False) -> None:
         import h2.config
         import h2.connection
 
@@ -319,6 +319,8 @@ class H2GrpcClient:
         self.conn.initiate_connection()
         if header_table_size is not None:
             self.conn.update_settings({0x1: header_table_size})
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.trickle = trickle  # send byte by byte, so the peer reads frames in the smallest pieces
         self.authority = url.encode()
         self.replies: dict[int, H2Reply] = {}
         self.done: set[int] = set()
@@ -327,7 +329,11 @@ class H2GrpcClient:
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
-        if data:
+        if data and self.trickle:
+            for i in range(len(data)):
+                self.sock.sendall(data[i:i + 1])
+                time.sleep(0.0005)
+        elif data:
             self.sock.sendall(data)
 
     def start(self, path: str, metadata: list[tuple[bytes, bytes]] = (), priority: bool = False) -> int:

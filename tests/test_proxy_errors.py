@@ -5,6 +5,7 @@ bytes, broken frames) costs only the connection that sent it."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import random
 import socket
 import time
@@ -208,6 +209,26 @@ def test_message_size_limit_when_configured(triton: EmbeddedTriton, sidecar_fact
     assert client.infer("identity_fp32", fp32_inputs(small)).as_numpy("OUTPUT0").tolist() == small.tolist()
     assert sidecar.finished("identity_fp32") == {"RESOURCE_EXHAUSTED": 1, "OK": 1}
     assert sidecar.inflight("identity_fp32") == 0
+    client.close()
+
+
+def test_message_size_limit_on_a_stream_ends_the_stream(gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
+    sidecar = sidecar_factory(gate_triton.grpc_url, max_message_bytes=100_000)
+    gate = gates.new()
+    client = grpcclient.InferenceServerClient(sidecar.url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer("gate", gate_inputs(gate), request_id="held")
+    wait_until(lambda: gates.holding(gate), what="Triton to hold the first request")
+    client.async_stream_infer("gate", gate_inputs(None, [0.0] * 100_000), request_id="too-big")
+    result, error = responses.get(timeout=30)
+    assert result is None and error.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "larger than max" in error.message()
+    # Triton's side of the stream was reset: the held request saw its cancel.
+    wait_until(lambda: gates.saw_cancel(gate), what="Triton to see the stream reset")
+    assert sidecar.inflight("gate") == 0
+    assert sidecar.finished("gate") == {"RESOURCE_EXHAUSTED": 2}
+    client.stop_stream()
     client.close()
 
 

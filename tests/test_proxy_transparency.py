@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from proxy_support import (HEALTH_SERVING, H2GrpcClient, Outcome, SidecarThread, fp32_inputs, gate_inputs,
-                           health_check, outcome, wait_until)
+                           health_check, outcome, raw_unary, wait_until)
 from tritonpilot.embedded import EmbeddedTriton
 
 pytestmark = pytest.mark.triton
@@ -355,6 +355,21 @@ def test_health_check_is_answered_by_the_proxy(sidecar: SidecarThread) -> None:
             assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10).live
 
 
+def test_health_watch_is_refused_and_unknown_methods_answer_as_triton_does(
+        triton: EmbeddedTriton, sidecar: SidecarThread) -> None:
+    with grpc.insecure_channel(sidecar.url) as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch", request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(watch(b"", timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "Health/Check" in refused.value.details()
+    for path in ("/inference.GRPCInferenceService/NoSuchMethod", "/no.such.Service/Method",
+                 "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+        with grpc.insecure_channel(triton.grpc_url) as d, grpc.insecure_channel(sidecar.url) as p:
+            assert raw_unary(p, path, b"\x0a\x00") == raw_unary(d, path, b"\x0a\x00")
+
+
 def test_many_calls_on_one_connection_keep_hpack_in_step(clients) -> None:
     # Varied metadata makes both encoders insert and evict dynamic-table entries.
     direct, proxied = clients
@@ -426,3 +441,16 @@ def test_padded_fragmented_prioritized_frames_and_a_tiny_header_table(
     # The model name was read through padding and 7-byte frames; the reset calls ended CANCELLED.
     wait_until(lambda: sidecar.inflight("identity_fp32") == 0, what="in flight back to 0")
     assert sidecar.finished("identity_fp32") == {"OK": 3, "CANCELLED": 10}
+
+
+def test_a_call_sent_byte_by_byte(triton: EmbeddedTriton, sidecar: SidecarThread) -> None:
+    data = np.arange(50, dtype=np.float32)
+    client = H2GrpcClient(sidecar.url, trickle=True)  # preface, SETTINGS, HEADERS, DATA: one byte per send
+    try:
+        reply = client.call("/inference.GRPCInferenceService/ModelInfer", infer_request_bytes("identity_fp32", data))
+    finally:
+        client.close()
+    assert reply.grpc_status == 0
+    response = service_pb2.ModelInferResponse.FromString(reply.messages[0])
+    assert np.frombuffer(response.raw_output_contents[0], dtype=np.float32).tolist() == data.tolist()
+    assert sidecar.finished("identity_fp32") == {"OK": 1}

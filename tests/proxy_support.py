@@ -347,9 +347,12 @@ class H2GrpcClient:
         return stream_id
 
     def send(self, stream_id: int, message: bytes, frame_bytes: int | None = None, pad_length: int | None = None,
-             end_stream: bool = True) -> None:
-        """One gRPC message, cut into DATA frames of frame_bytes (all of it in one by default)."""
+             end_stream: bool = True, cut_at: int | None = None) -> None:
+        """One gRPC message, cut into DATA frames of frame_bytes (all of it in one by default);
+        with cut_at, only its first cut_at bytes (prefix included) and no END_STREAM."""
         body = b"\x00" + len(message).to_bytes(4, "big") + message
+        if cut_at is not None:
+            body, end_stream = body[:cut_at], False
         step = frame_bytes or len(body)
         for i in range(0, len(body), step):
             last = i + step >= len(body)

@@ -403,8 +403,10 @@ def h2_session(url: str) -> list[Any]:
         infer = "/inference.GRPCInferenceService/ModelInfer"
         for i in range(12):
             metadata = [(f"x-churn-{i}".encode(), f"value-{i}".encode() * 3)]
+            # Whole frames with PRIORITY, 7-byte frames, or a padded frame (grpc-core refuses those).
             reply = client.call(infer, infer_request_bytes("identity_fp32", data, f"r{i}"), metadata=metadata,
-                                frame_bytes=7 if i % 2 else None, pad_length=(i % 4) * 5 or None, priority=i % 3 == 0)
+                                priority=i % 3 == 0, frame_bytes=7 if i % 3 == 1 else None,
+                                pad_length=10 if i % 3 == 2 else None)
             if reply.messages:
                 response = service_pb2.ModelInferResponse.FromString(reply.messages[0])
                 output = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
@@ -417,8 +419,7 @@ def h2_session(url: str) -> list[Any]:
         client.ping()
         # A request reset halfway through its message: the connection goes on.
         stream_id = client.start(infer)
-        half = infer_request_bytes("identity_fp32", data, "reset")
-        client.send(stream_id, half[:len(half) // 2] + b"", end_stream=False)
+        client.send(stream_id, infer_request_bytes("identity_fp32", data, "reset"), cut_at=600)
         client.reset(stream_id)
         reply = client.call("/inference.GRPCInferenceService/ServerLive",
                             service_pb2.ServerLiveRequest().SerializeToString(), frame_bytes=1)
@@ -435,12 +436,16 @@ def test_padded_fragmented_prioritized_frames_and_a_tiny_header_table(
     proxied = h2_session(sidecar.url)
     assert proxied == direct
     # grpc-core refuses padded DATA frames (RST_STREAM PROTOCOL_ERROR): so does Triton behind the proxy.
-    assert direct[:12] == [(None, 1) if i % 4 else (0, None, f"r{i}", True) for i in range(12)]
+    assert direct[:12] == [(None, 1) if i % 3 == 2 else (0, None, f"r{i}", True) for i in range(12)]
     assert direct[12][0] == 5 and b"no_such_model" in direct[12][1]
     assert direct[13] == (0, True) and direct[14] == ("pings acked", 1)
-    # The model name was read through padding and 7-byte frames; the reset calls ended CANCELLED.
+    # The model name was read through 7-byte frames and padding. A padded call ends with Triton's
+    # reset or, as grpc-core sometimes sends after it, INTERNAL trailers. The call reset before
+    # its first 1024 bytes arrived was never counted.
     wait_until(lambda: sidecar.inflight("identity_fp32") == 0, what="in flight back to 0")
-    assert sidecar.finished("identity_fp32") == {"OK": 3, "CANCELLED": 10}
+    finished = sidecar.finished("identity_fp32")
+    assert finished.pop("OK") == 8
+    assert set(finished) <= {"CANCELLED", "INTERNAL"} and sum(finished.values()) == 4
 
 
 def test_a_call_sent_byte_by_byte(triton: EmbeddedTriton, sidecar: SidecarThread) -> None:

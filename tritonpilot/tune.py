@@ -594,16 +594,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="closed-loop requests in flight (default 1:4)")
     parser.add_argument("--max-p95-ms", type=float, metavar="MS",
                         help="latency bound: a level counts only if its p95 is within it (default: no bound)")
-    parser.add_argument("--measurement-interval-ms", type=int, default=5000, help="window length (default 5000)")
-    parser.add_argument("--warmup-s", type=float, default=2.0, help="load before each level's window (default 2)")
-    parser.add_argument("--windows", type=int, default=1, help="windows per level, the median is kept (default 1)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--measurement-interval-ms", type=int, default=5000, metavar="MS", help="window length (default 5000)")
+    parser.add_argument("--warmup-s", type=float, default=2.0, metavar="S", help="load before each level's window (default 2)")
+    parser.add_argument("--windows", type=int, default=1, metavar="N", help="windows per level, the median is kept (default 1)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
                         help="run the whole plan this many times, every other round backwards, and keep the "
                              "median per level: spreads a shared machine's drift over all combinations (default 1)")
-    parser.add_argument("--batch-size", type=int, default=1, help="for models with max_batch_size > 0 (default 1)")
-    parser.add_argument("--reload-timeout-s", type=float, default=DEFAULT_RELOAD_TIMEOUT_S,
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="for models with max_batch_size > 0 (default 1)")
+    parser.add_argument("--reload-timeout-s", type=float, default=DEFAULT_RELOAD_TIMEOUT_S, metavar="S",
                         help=f"per reload (default {DEFAULT_RELOAD_TIMEOUT_S:g})")
-    parser.add_argument("--min-gain-ratio", type=float, default=DEFAULT_MIN_GAIN_RATIO,
+    parser.add_argument("--min-gain-ratio", type=float, default=DEFAULT_MIN_GAIN_RATIO, metavar="R",
                         help="a larger count raises the recommended max_instances only if it beats the best "
                              f"smaller one by more than this (default {DEFAULT_MIN_GAIN_RATIO:g})")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the results go")

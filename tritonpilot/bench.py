@@ -148,7 +148,7 @@ def _errors_text(errors: Mapping[str, int]) -> str:
     return ",".join(f"{code}={n}" for code, n in sorted(errors.items())) or "0"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(header), *(fmt(r) for r in rows)]).rstrip()
@@ -175,7 +175,7 @@ def detail_table(results: Sequence[LevelResult], cpu_labels: Sequence[str]) -> s
         row += [str(r.late)] if open_loop else []
         row += [_us(r.cpu_us_per_request.get(label)) for label in cpu_labels]
         rows.append(row)
-    return _table(header, rows)
+    return text_table(header, rows)
 
 
 def _ratio(b: float | None, a: float | None) -> str:
@@ -191,7 +191,7 @@ def ratio_table(a: EndpointResults, b: EndpointResults) -> str:
         rows.append([_level_name(ra), _ratio(rb.throughput_infer_per_s, ra.throughput_infer_per_s),
                      "-" if delta is None else f"{delta:+.0f}", _ratio(rb.p95_us, ra.p95_us),
                      _ratio(rb.p99_us, ra.p99_us)])
-    return _table(header, rows)
+    return text_table(header, rows)
 
 
 def print_report(all_results: Sequence[EndpointResults], cpu_labels: Sequence[str], out: TextIO) -> None:

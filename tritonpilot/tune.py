@@ -54,8 +54,7 @@ import yaml
 
 from control.policy import (BOOLEAN_FLAGS, GENERATION_PARAMETER, KNOWN_FLAGS, THREAD_COUNT_FLAGS, PolicyError,
                             parse_flag_bool, parse_flag_int, parse_policy, policy_warnings)
-from tritonpilot.bench import _table as text_table
-from tritonpilot.bench import detail_table, parse_range, perf_analyzer_summary
+from tritonpilot.bench import detail_table, parse_range, perf_analyzer_summary, text_table
 from tritonpilot.benchlib import BenchError, LevelResult
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -33,11 +33,14 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def iter_fields(buf: bytes):
+def iter_fields(buf: bytes, cut_last: bool = False):
     """Yield (field number, wire type, value) of a protobuf message prefix.
 
     value is an int for varints and fixed-size fields, and a bytes slice for
-    length-delimited ones. Stops quietly where the prefix is cut off.
+    length-delimited ones. Stops quietly where the prefix is cut off; with
+    cut_last, a length-delimited field the prefix cuts is yielded first with
+    what there is of it, so that a nested message's own first fields can be
+    read (a ModelStreamInferResponse is one big field around the response).
     """
     pos, end = 0, len(buf)
     try:
@@ -49,6 +52,8 @@ def iter_fields(buf: bytes):
             elif wire == _LEN:
                 size, pos = _varint(buf, pos)
                 if pos + size > end:
+                    if cut_last and pos < end:
+                        yield number, wire, buf[pos:end]
                     return
                 value, pos = buf[pos:pos + size], pos + size
             elif wire == _I64:
@@ -104,7 +109,9 @@ def stream_response_info(head: bytes) -> tuple[str | None, str, bool | None, boo
     request_id = ""
     final: bool | None = None
     error = False
-    for number, wire, value in iter_fields(head):
+    # The response's start is read even when its tensors run past the peek; a map entry
+    # the peek cuts is not read (a cut flag must not read as false).
+    for number, wire, value in iter_fields(head, cut_last=True):
         if number == 1 and wire == _LEN:
             error = len(value) > 0
         elif number == 2 and wire == _LEN:

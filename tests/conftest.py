@@ -119,15 +119,16 @@ def sidecar(triton: EmbeddedTriton, sidecar_factory: Callable[..., SidecarThread
 @pytest.fixture(scope="session")
 def _gate_triton_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
     log_path = tmp_path_factory.mktemp("triton-gate") / "tritonserver.log"
-    with EmbeddedTriton(PROXY_MODELS_DIR, load_models=["gate"], log_path=log_path,
+    with EmbeddedTriton(PROXY_MODELS_DIR, load_models=["gate", "gate_decoupled"], log_path=log_path,
                         startup_timeout_s=STARTUP_TIMEOUT_S) as triton:
         yield triton
 
 
 @pytest.fixture
 def gate_triton(_gate_triton_session: EmbeddedTriton) -> EmbeddedTriton:
-    """A second shared server with only the `gate` model (tests/proxy_models/gate), which holds
-    requests until the test opens their gate. Use with `gates`; don't stop or reload it."""
+    """A second shared server with the models of tests/proxy_models: `gate` holds requests until
+    the test opens their gate, `gate_decoupled` holds the final response of each request.
+    Use with `gates`; don't stop or reload it."""
     if not _gate_triton_session.is_running():
         _gate_triton_session.restart()
     return _gate_triton_session

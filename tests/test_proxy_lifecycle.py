@@ -93,6 +93,27 @@ def test_inflight_gauge_counts_stream_requests_until_their_response(
     stream.close()
 
 
+def test_decoupled_request_with_large_responses_counts_until_its_final_one(
+        gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
+    # 256 KiB responses: the final flag sits past the first bytes of a message that is
+    # mostly tensor data, and the relay must still read it.
+    sidecar = sidecar_factory(gate_triton.grpc_url)
+    stream = Stream(sidecar.url)
+    gate = gates.new()
+    data = np.arange(64 * 1024, dtype=np.float32)
+    stream.client.async_stream_infer("gate_decoupled", gate_inputs(gate, data.tolist()), request_id="big")
+    (first, error), = stream.get(1)
+    assert error is None and first.as_numpy("OUTPUT0").tolist() == data.tolist()
+    assert first.get_response().parameters["triton_final_response"].bool_param is False
+    assert sidecar.inflight("gate_decoupled") == 1
+    gates.open(gate)
+    (last, error), = stream.get(1)
+    assert error is None and last.get_response().parameters["triton_final_response"].bool_param is True
+    wait_until(lambda: sidecar.inflight("gate_decoupled") == 0, what="in flight back to 0 after the final response")
+    assert sidecar.finished("gate_decoupled") == {"OK": 1}
+    stream.close()
+
+
 def test_stream_error_responses_end_their_own_request(gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
     # Triton's in-stream errors carry the request id but no model name, and (the model not
     # being decoupled) come in request order, after the responses of earlier requests.

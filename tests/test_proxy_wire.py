@@ -1,0 +1,135 @@
+"""The little the relay reads of gRPC messages (proxy/wire.py) and how it matches stream
+responses to requests: tables against real protobuf encodings, and garbage that must
+never raise."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections import deque
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2
+
+from proxy import wire
+from proxy.relay import _take_pending
+
+
+def infer_request(model: str, request_id: str = "", tensor_bytes: int = 0) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name=model, model_version="1", id=request_id)
+    request.parameters["sequence_id"].int64_param = 7
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[tensor_bytes // 4])
+    request.raw_input_contents.append(b"\x01" * tensor_bytes)
+    return request.SerializeToString()
+
+
+def stream_response(model: str = "", request_id: str = "", final: bool | None = None, error: str = "",
+                    extra_parameter_bytes: int = 0) -> bytes:
+    response = service_pb2.ModelStreamInferResponse(error_message=error)
+    if model or request_id or final is not None:
+        response.infer_response.model_name = model
+        response.infer_response.id = request_id
+        if final is not None:
+            response.infer_response.parameters["triton_final_response"].bool_param = final
+        if extra_parameter_bytes:
+            response.infer_response.parameters["big"].string_param = "x" * extra_parameter_bytes
+        response.infer_response.raw_output_contents.append(b"\x02" * 4096)
+    return response.SerializeToString()
+
+
+@pytest.mark.parametrize("message, expected", [
+    (infer_request("resnet"), ("resnet", "")),
+    (infer_request("resnet", "req-1"), ("resnet", "req-1")),
+    (infer_request("m\u00e9t\u00e9o", "\u00e9", tensor_bytes=1 << 20), ("m\u00e9t\u00e9o", "\u00e9")),
+    (infer_request("", "only-id"), (None, "only-id")),  # proto3 leaves an empty name out
+    (b"", (None, "")),
+    (b"\x0a\x05ab", (None, "")),  # the name is cut off by the peek
+    (b"\x0a\x02\xff\xfe", (None, "")),  # not UTF-8
+])
+def test_request_model_and_id(message: bytes, expected: tuple) -> None:
+    assert wire.request_model_and_id(message[:wire.HEAD_BYTES]) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    (stream_response("dec", "a", final=False), ("dec", "a", False, False)),
+    (stream_response("dec", "a", final=True), ("dec", "a", True, False)),
+    (stream_response("plain", "b"), ("plain", "b", None, False)),  # no flag: an older Triton
+    # Triton's in-stream errors: the id, no model name.
+    (stream_response(request_id="c", error="unknown model"), (None, "c", None, True)),
+    (stream_response(error="bad"), (None, "", None, True)),
+])
+def test_stream_response_info(message: bytes, expected: tuple) -> None:
+    assert wire.stream_response_info(message[:wire.HEAD_BYTES]) == expected
+
+
+def test_final_flag_beyond_the_peek_is_not_seen() -> None:
+    # Map entries are written in no fixed order; a large one ahead of the flag hides it.
+    # Documented limit: the response then counts as final.
+    message = stream_response("dec", "a", final=False, extra_parameter_bytes=2 * wire.HEAD_BYTES)
+    model, request_id, final, _ = wire.stream_response_info(message[:wire.HEAD_BYTES])
+    assert (model, request_id) == ("dec", "a") and final in (False, None)
+
+
+@pytest.mark.parametrize("encoding, compress", [
+    (b"gzip", gzip.compress),
+    (b"deflate", zlib.compress),
+])
+def test_decompress_head_reads_a_compressed_prefix(encoding: bytes, compress) -> None:
+    message = infer_request("resnet", "r", tensor_bytes=64 << 10)
+    head = compress(message)[:wire.HEAD_BYTES]
+    plain = wire.decompress_head(head, encoding)
+    assert plain == message[:len(plain)] and len(plain) > 0
+    assert wire.request_model_and_id(plain) == ("resnet", "r")
+
+
+def test_decompress_head_unknown_or_broken() -> None:
+    assert wire.decompress_head(b"\x00" * 10, b"snappy") is None
+    assert wire.decompress_head(b"\x00" * 10, None) is None
+    assert wire.decompress_head(b"not gzip at all", b"gzip") is None
+
+
+def test_scanner_finds_each_message_in_any_pieces() -> None:
+    messages = [infer_request("a", "1"), b"", infer_request("b", "2", tensor_bytes=5000), infer_request("c")]
+    stream = b"".join(b"\x00" + len(m).to_bytes(4, "big") + m for m in messages)
+    for piece in (1, 3, 7, 1024, len(stream)):
+        seen: list[tuple[bytes, bool, int]] = []
+        scanner = wire.MessageScanner(lambda head, compressed, length: seen.append((head, compressed, length)))
+        for i in range(0, len(stream), piece):
+            scanner.feed(memoryview(stream)[i:i + piece])
+        assert [(h, n) for h, _, n in seen] == [(m[:wire.HEAD_BYTES], len(m)) for m in messages]
+
+
+@given(st.binary(max_size=2000))
+def test_parsers_never_raise_on_garbage(data: bytes) -> None:
+    wire.request_model_and_id(data)
+    wire.stream_response_info(data)
+    wire.decompress_head(data, b"gzip")
+    scanner = wire.MessageScanner(lambda head, compressed, length: None)
+    scanner.feed(data)
+
+
+def pending(*entries: tuple[str, str, float]) -> dict[str, deque[tuple[str, float]]]:
+    table: dict[str, deque[tuple[str, float]]] = {}
+    for model, request_id, started in entries:
+        table.setdefault(model, deque()).append((request_id, started))
+    return table
+
+
+@pytest.mark.parametrize("entries, model, request_id, taken, left", [
+    # By id, wherever it is.
+    ([("a", "1", 1.0), ("a", "2", 2.0)], "a", "2", ("a", 2.0), [("a", "1", 1.0)]),
+    ([("a", "1", 1.0), ("b", "x", 2.0)], None, "x", ("b", 2.0), [("a", "1", 1.0)]),
+    # No id (or an unknown one): the oldest of the response's model.
+    ([("a", "", 1.0), ("b", "", 0.5), ("a", "", 3.0)], "a", "", ("a", 1.0), [("b", "", 0.5), ("a", "", 3.0)]),
+    ([("a", "1", 1.0), ("a", "2", 2.0)], "a", "zz", ("a", 1.0), [("a", "2", 2.0)]),
+    # No model either: the oldest of the stream, not the first model seen.
+    ([("a", "", 5.0), ("b", "", 2.0)], None, "", ("b", 2.0), [("a", "", 5.0)]),
+    ([("a", "", 5.0)], "unknown-model", "", ("a", 5.0), []),
+    ([], "a", "1", None, []),
+])
+def test_take_pending(entries, model, request_id, taken, left) -> None:
+    table = pending(*entries)
+    assert _take_pending(table, model, request_id) == taken
+    assert table == pending(*left)

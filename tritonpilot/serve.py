@@ -31,6 +31,9 @@ from tritonpilot.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
+
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -87,7 +90,9 @@ class Sidecar:
         mhost, mport = parse_host_port(config.metrics_listen, "--metrics-listen")
         self.metrics = MetricsServer(mhost, mport, self.registry, self._triton_ready,
                                      self.controller.status if self.controller else None)
-        self._channel = grpc.aio.insecure_channel(config.triton)
+        # /readyz must notice Triton's return within seconds, not after grpc's default
+        # reconnect backoff (up to 120 s): cap it.
+        self._channel = grpc.aio.insecure_channel(config.triton, options=RECONNECT_OPTIONS)
         self._tasks: list[asyncio.Task] = []
         self.port: int | None = None
         self.stopping = asyncio.Event()

@@ -10,7 +10,7 @@ clients fail fast while Triton is down and recover by themselves when it's back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
 
 import h2.config
 import h2.connection
@@ -18,7 +18,10 @@ import h2.events
 import h2.exceptions
 import structlog
 
-from proxy.relay import GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED, HEALTH_CHECK, grpc_status_headers
+from proxy import wire
+from proxy.relay import (GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED, HEALTH_CHECK, MODEL_INFER, MODEL_STREAM_INFER,
+                         grpc_status_headers)
+from proxy.stats import UNKNOWN_MODEL, ProxyStats
 
 log = structlog.get_logger(__name__)
 
@@ -27,11 +30,13 @@ _LINGER_S = 5.0
 
 
 class LocalResponder:
-    def __init__(self, transport: asyncio.Transport, reason: str,
-                 on_close: Callable[[object], None] | None = None) -> None:
+    def __init__(self, transport: asyncio.Transport, reason: str, stats: ProxyStats | None = None) -> None:
         self.transport = transport
         self.reason = reason
-        self._on_close = on_close
+        self.stats = stats
+        # Inference calls wait for their first message bytes, so that the refusal is counted
+        # under the model it was for (the bytes normally arrive with the headers).
+        self._waiting: dict[int, bytes] = {}
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=False))
         self.conn.initiate_connection()
@@ -49,17 +54,42 @@ class LocalResponder:
         answered = False
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
-                self._answer(event.stream_id, dict(event.headers).get(b":path", b""))
-                answered = True
+                path = dict(event.headers).get(b":path", b"")
+                if path in (MODEL_INFER, MODEL_STREAM_INFER) and self.stats is not None:
+                    self._waiting[event.stream_id] = b""
+                else:
+                    self._answer(event.stream_id, path)
+                    answered = True
             elif isinstance(event, h2.events.DataReceived):
                 # Keep the client's window open; the bytes themselves are dropped.
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_id in self._waiting:
+                    head = self._waiting[event.stream_id] + event.data
+                    if len(head) >= 5 + min(wire.HEAD_BYTES, int.from_bytes(head[1:5], "big")):
+                        answered |= self._refuse_inference(event.stream_id, head)
+                    else:
+                        self._waiting[event.stream_id] = head
+            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                if event.stream_id in self._waiting:
+                    answered |= self._refuse_inference(event.stream_id, self._waiting[event.stream_id])
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.transport.close()
         if answered and self._closer is None:
             self.conn.close_connection()
             self._closer = asyncio.get_running_loop().call_later(_LINGER_S, self.transport.close)
         self._flush()
+
+    def _refuse_inference(self, stream_id: int, head: bytes) -> bool:
+        del self._waiting[stream_id]
+        model = None
+        if len(head) >= 5 and head[0] == 0:  # uncompressed: compressed ones count as unknown
+            model, _ = wire.request_model_and_id(head[5:5 + wire.HEAD_BYTES])
+        now = time.monotonic()
+        stats = self.stats.model(model or UNKNOWN_MODEL, now)
+        stats.begin(now)
+        stats.end(now, GRPC_UNAVAILABLE, 0.0)
+        self._answer(stream_id, MODEL_INFER)
+        return True
 
     def _answer(self, stream_id: int, path: bytes) -> None:
         try:
@@ -83,5 +113,3 @@ class LocalResponder:
     def connection_lost(self) -> None:
         if self._closer is not None:
             self._closer.cancel()
-        if self._on_close is not None:
-            self._on_close(self)

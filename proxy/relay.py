@@ -270,7 +270,7 @@ class Pair:
             length = int.from_bytes(data[pos:pos + 3], "big")
             ftype, flags = data[pos + 3], data[pos + 4]
             stream_id = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-            if ftype == DATA and not flags & PADDED and stream_id not in self.local_streams:
+            if ftype == DATA and not flags & PADDED:
                 # Stream it: forward what has arrived, scan it if this stream is scanned.
                 self._data_frame(d, stream_id, flags)
                 d.data_left = length
@@ -433,10 +433,10 @@ class Pair:
 
     def _upstream_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes) -> bool | bytes:
         if ftype in (HEADERS, CONTINUATION):
-            keep = self._header_fragment(self.u2c, ftype, flags, stream_id, payload, self._response_headers)
-            return keep and stream_id not in self.local_streams
-        if stream_id in self.local_streams:
-            return False  # Triton's side of a stream we answered ourselves
+            # Forwarded even for streams we answered ourselves: the client's HPACK table must see
+            # every block Triton encodes, and its flow-control window every DATA byte. A client
+            # ignores frames on a stream it has closed (RFC 9113, 5.1).
+            return self._header_fragment(self.u2c, ftype, flags, stream_id, payload, self._response_headers)
         if ftype == DATA:
             self._data_frame(self.u2c, stream_id, flags)
             if self.u2c.data_scanner is not None:
@@ -452,6 +452,13 @@ class Pair:
             if size is not None:
                 self.c2u.decoder.max_allowed_table_size = size
             return True
+        if ftype == GOAWAY and len(payload) >= 4:
+            # Triton will not process streams above last_stream_id; the client retries them
+            # elsewhere, so they are no longer in flight here.
+            last_stream_id = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+            now = time.monotonic()
+            for sid in [sid for sid in self.streams if sid > last_stream_id]:
+                self._finish(self.streams.pop(sid), GRPC_UNAVAILABLE, now)
         return True
 
     def _response_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
@@ -577,6 +584,11 @@ class Pair:
         """Graceful shutdown: the client opens no new streams here; open ones finish."""
         if self.goaway_sent or self.closed:
             return
+        if not self.upstream_ready:
+            # No server SETTINGS have reached the client yet, so a GOAWAY would be a protocol
+            # error; nothing was forwarded either, so nothing is lost by closing.
+            self.close()
+            return
         self.goaway_sent = True
         payload = self.max_client_stream.to_bytes(4, "big") + H2_NO_ERROR.to_bytes(4, "big")
         self.inject(self.u2c, frame(GOAWAY, 0, 0, payload))
@@ -676,7 +688,7 @@ class _ClientProtocol(asyncio.Protocol):
         if self.local is not None:
             self.local.connection_lost()
         if self.pair is not None:
-            self.pair.close(code=1)  # the client went away: its calls are cancelled
+            self.pair.close(code=GRPC_CANCELLED)  # the client went away: its calls are cancelled
 
     def pause_writing(self) -> None:
         if self.pair and self.pair.c2u.transport:
@@ -728,7 +740,6 @@ class Relay:
         self.pairs: set[Pair] = set()
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.upstream_failures = 0
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
@@ -754,13 +765,12 @@ class Relay:
         except (OSError, asyncio.TimeoutError) as exc:
             if pair.closed:
                 return
-            self.upstream_failures += 1
             reason = f"tritonpilot: Triton at {self.options.upstream_host}:{self.options.upstream_port} " \
                      f"is unreachable ({exc.__class__.__name__}: {exc})"
             log.warning("relay.upstream_unreachable", reason=reason)
             self.pairs.discard(pair)
             client.pair = None
-            client.local = LocalResponder(pair.client, reason, on_close=self.pairs.discard)
+            client.local = LocalResponder(pair.client, reason, self.stats)
             for chunk in pair.early:
                 client.local.data_received(chunk)
             return

@@ -29,6 +29,10 @@ GRPC_CODE_NAMES: dict[int, str] = {
 # Requests whose model could not be read (e.g. an unknown compression) count here.
 UNKNOWN_MODEL = ""
 
+# Model names come from clients: typos and garbage must not grow memory and metric series
+# without bound. Past this many distinct names, new ones count as UNKNOWN_MODEL.
+MAX_MODELS = 1000
+
 
 @dataclass(frozen=True)
 class ModelSnapshot:
@@ -144,7 +148,11 @@ class ProxyStats:
     def model(self, name: str, now_s: float) -> ModelStats:
         stats = self._models.get(name)
         if stats is None:
-            stats = self._models[name] = ModelStats(name, now_s)
+            if len(self._models) >= MAX_MODELS:
+                name = UNKNOWN_MODEL
+                stats = self._models.get(name)
+            if stats is None:
+                stats = self._models[name] = ModelStats(name, now_s)
         return stats
 
     def snapshot(self, now_s: float, reset_peaks: bool = False) -> ProxySnapshot:

@@ -333,6 +333,9 @@ def test_triton_unreachable_fails_fast_and_health_still_answers(sidecar_factory)
     failures = asyncio.run(many_at_once())
     assert time.monotonic() - started < 5.0
     assert [getattr(f, "status", lambda: repr(f))() for f in failures] == ["StatusCode.UNAVAILABLE"] * 20
+    # The refused inferences are counted under their model, as operators need to see.
+    refused = sidecar.snapshot().models["identity_fp32"]
+    assert (refused.finished_total, refused.inflight) == ({"UNAVAILABLE": 2}, 0)
     assert health_check(sidecar.url) == ("OK", HEALTH_SERVING)
     assert http_status(sidecar.metrics_url + "/healthz") == 200
     assert http_status(sidecar.metrics_url + "/readyz") == 503

@@ -120,17 +120,18 @@ class Sidecar:
 
     async def shutdown(self) -> None:
         log.info("sidecar.stopping", grace_period_s=self.config.grace_period_s)
-        await self.relay.shutdown(self.config.grace_period_s)
+        # The controller stops first: no reload should start while clients drain.
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.relay.shutdown(self.config.grace_period_s)
         self.gpu.close()
         await self.metrics.stop()
         await self._channel.close()
         log.info("sidecar.stopped")
 
-    async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    async def serve(self) -> bool:
+        """Run until SIGTERM/SIGINT, then shut down gracefully. False when the controller died."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -138,11 +139,15 @@ class Sidecar:
         # A controller that dies is a bug worth stopping for, not a silent half-sidecar.
         waiters = [asyncio.create_task(self.stopping.wait()), *[t for t in self._tasks if t.get_name() == "controller"]]
         done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        healthy = True
         for task in done:
-            if task is not waiters[0] and task.exception() is not None:
-                log.error("sidecar.controller_failed", error=repr(task.exception()))
+            if task is not waiters[0]:
+                healthy = False
+                log.error("sidecar.controller_failed",
+                          error="cancelled" if task.cancelled() else repr(task.exception()))
         waiters[0].cancel()
         await self.shutdown()
+        return healthy
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -198,12 +203,12 @@ def run(args: argparse.Namespace) -> int:
         factory = controller_factory_from_policy(policy, triton_url=config.triton)
     configure_logging(config.log_format, config.log_level)
 
-    async def main() -> None:
-        await Sidecar(config, factory).serve()
+    async def main() -> bool:
+        return await Sidecar(config, factory).serve()
 
     try:
-        uvloop.run(main())
+        healthy = uvloop.run(main())
     except OSError as exc:  # e.g. the listen port is taken
         print(f"tritonpilot serve: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if healthy else 1

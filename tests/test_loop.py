@@ -25,7 +25,7 @@ from control.actuator import Actuator, ReloadRequest, ReloadResult
 from control.decide import Action, Decision, Reason
 from control.loop import Controller
 from control.overrides import GENERATION_KEY, build_override, matches, read_state
-from control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy
+from control.policy import BUILTIN_PROFILES, ResolvedModelPolicy
 from control.triton import LoadFailed, StatsSample, TritonError, TritonUnavailable
 from proxy.gpu import GpuSample as ProxyGpuSample
 from proxy.gpu import GpuSnapshot

@@ -15,7 +15,11 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    `n - 1 < ideal <= n x (1 + tolerance_ratio)`:
    - up is wanted only above the band, to `desired` (which lands inside the new band);
    - down is wanted when `desired < n`, i.e. n - 1 instances would already hold the
-     target, to the highest `desired` seen while down was wanted (the window's need);
+     target, to the highest `desired` of the last scale_down_delay_s, counting only
+     samples whose window lies inside the down streak: the sample that starts the
+     streak averages the load before it with the load after, so after a step from
+     high to low load it would ask for a count between the two and the way down
+     would take two steps;
    - inside the band nothing is wanted: a steady load settles. The band is wider
      than one instance, so the count that an up or down lands on is a fixed point
      for that load (in-flight that stays constant; in-flight that grows with
@@ -60,7 +64,7 @@ from enum import StrEnum
 from typing import Literal, Protocol, TypeVar
 
 from control.policy import Profile, ResolvedModelPolicy
-from control.signals import GpuSample, LiveConfig, Signals
+from control.signals import GpuSample, InflightSample, LiveConfig, Signals
 
 Number = float | int | str | None
 Strategy = Literal["full", "update"]
@@ -107,7 +111,8 @@ class State:
 
     up_since_s: float | None = None        # the up condition has held since
     down_since_s: float | None = None      # the down condition has held since
-    down_peak_instances: int | None = None  # highest desired count while down was wanted
+    down_from_s: float | None = None       # the streak's first sample ended here: later windows saw only the streak
+    down_needs: tuple[tuple[float, int], ...] = ()  # (sample at_s, desired) of the streak's samples since then
     panic_since_s: float | None = None     # the panic condition has held since
     changed_at_s: float | None = None      # the last decision that changed something
     memory_per_instance_bytes: float | None = None  # learned by observe_reload
@@ -146,12 +151,12 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
         numbers["missing"] = ",".join(name for name, v in (("config", config), ("inflight", inflight)) if v is None)
         current = config.instances if config is not None else None
         decision = _decision(policy, now_s, Action.HOLD, Reason.NO_DATA, config, None, current, None, numbers)
-        return decision, replace(state, up_since_s=None, down_since_s=None, down_peak_instances=None,
+        return decision, replace(state, up_since_s=None, down_since_s=None, down_from_s=None, down_needs=(),
                                  panic_since_s=None)
 
     current = config.instances
     load = _load(inflight.inflight_mean, current, policy)
-    state = _track(state, load, current, now_s)
+    state = _track(state, load, current, inflight, policy, now_s)
     numbers.update(_load_numbers(load, current, policy, state, now_s))
 
     action, reason, target = _wanted(load, state, policy, current, config, now_s)
@@ -179,7 +184,7 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
     decision = _decision(policy, now_s, action, reason, config, load.desired, decided, strategy, numbers)
     new_state = replace(state, changed_at_s=now_s)
     if decided < current:  # the next step down waits a whole delay again
-        new_state = replace(new_state, down_since_s=None, down_peak_instances=None)
+        new_state = replace(new_state, down_since_s=None, down_from_s=None, down_needs=())
     return decision, new_state
 
 
@@ -238,22 +243,38 @@ def _load(inflight_mean: float, current: int, policy: ResolvedModelPolicy) -> _L
     )
 
 
-def _track(state: State, load: _Load, current: int, now_s: float) -> State:
-    """Advance the clocks: each condition's start while it holds, None once it breaks."""
+def _track(state: State, load: _Load, current: int, inflight: InflightSample, policy: ResolvedModelPolicy,
+           now_s: float) -> State:
+    """Advance the clocks: each condition's start while it holds, None once it breaks;
+    and, while down holds, the needs of its samples (see `_down_target`)."""
     up = load.above_band and load.desired > current
     panic = up and load.panic
     down = load.desired < current
-    # The peak belongs to a running streak, and only while it is below the current count
-    # (a count changed by someone else makes an old peak meaningless).
-    peak = state.down_peak_instances if state.down_since_s is not None else None
-    peak = peak if peak is not None and peak < current else None
+    if not down:
+        down_from_s, needs = None, ()
+    elif state.down_since_s is None or state.down_from_s is None:
+        down_from_s, needs = inflight.at_s, ()  # this sample's window began before the streak
+    else:
+        down_from_s = state.down_from_s
+        # Only needs below the current count: a count changed by someone else makes higher ones meaningless.
+        needs = tuple((at_s, n) for at_s, n in state.down_needs
+                      if n < current and at_s >= now_s - policy.scale_down_delay_s - _EPSILON)
+        if inflight.at_s - inflight.window_s >= down_from_s - _EPSILON and inflight.at_s > down_from_s:
+            needs += ((inflight.at_s, load.desired),)
     return replace(
         state,
         up_since_s=_since(state.up_since_s, up, now_s),
         panic_since_s=_since(state.panic_since_s, panic, now_s),
         down_since_s=_since(state.down_since_s, down, now_s),
-        down_peak_instances=max(peak or 0, load.desired) if down else None,
+        down_from_s=down_from_s,
+        down_needs=needs,
     )
+
+
+def _down_target(state: State, load: _Load) -> int:
+    """The highest need among the down streak's samples of the last scale_down_delay_s
+    (each window wholly inside the streak); this sample's need when there is none yet."""
+    return max((n for _, n in state.down_needs), default=load.desired)
 
 
 def _since(since_s: float | None, holds: bool, now_s: float) -> float | None:
@@ -278,7 +299,7 @@ def _wanted(load: _Load, state: State, policy: ResolvedModelPolicy, current: int
     if _lasted(state.up_since_s, policy.scale_up_delay_s, now_s):
         return Action.SCALE_UP, Reason.INFLIGHT_ABOVE_TARGET, load.desired
     if _lasted(state.down_since_s, policy.scale_down_delay_s, now_s):
-        return Action.SCALE_DOWN, Reason.INFLIGHT_BELOW_TARGET, state.down_peak_instances or load.desired
+        return Action.SCALE_DOWN, Reason.INFLIGHT_BELOW_TARGET, _down_target(state, load)
     wanted_profile = policy.profile_for(current)
     if wanted_profile is not None and not policy.parameters_match(wanted_profile, config.parameters):
         return Action.REPROFILE, Reason.PROFILE_MISMATCH, current

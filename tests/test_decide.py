@@ -161,6 +161,30 @@ def test_scale_down_goes_to_the_highest_need_seen_during_the_delay() -> None:
     sim.expect(at=60, load=1.0, want=2, action=Action.SCALE_DOWN)
 
 
+def test_a_need_older_than_scale_down_delay_no_longer_holds_the_count_up() -> None:
+    # A cooldown (the last reload took 100 s) holds the streak past its delay.
+    sim = Sim(instances=4, last_reload=ReloadRecord(finished_s=0.0, duration_s=100.0, ok=True, instances=4,
+                                                    profile="multi"))
+    sim.run(until=9, load=1.0)
+    sim.run(until=19, load=2.0)  # a need of 2, 80 s before the cooldown ends
+    sim.expect(at=99, load=1.0, want=4, action=Action.BLOCKED, reason=Reason.COOLDOWN)
+    sim.expect(at=100, load=1.0, want=1, action=Action.SCALE_DOWN)  # only the last 60 s count
+    assert len(sim.changes()) == 1
+
+
+def test_a_step_from_high_to_low_load_scales_down_in_one_step() -> None:
+    sim = Sim(instances=4)
+    sim.run(until=30, load=3.5)  # 4 needed
+    # The tick across the step averages 3.5 before it with 0.4 after: 1.5 in flight asks for 2.
+    d = sim.expect(at=31, load=1.5, want=4, reason=Reason.WAITING_DOWN_DELAY)
+    assert d.desired_instances == 2
+    sim.expect(at=90, load=0.4, want=4, reason=Reason.WAITING_DOWN_DELAY)
+    d = sim.expect(at=91, load=0.4, want=1, action=Action.SCALE_DOWN, reason=Reason.INFLIGHT_BELOW_TARGET)
+    assert d.profile.name == "single"
+    sim.expect(at=300, load=0.4, want=1, reason=Reason.WITHIN_BAND)
+    assert [(d.current_instances, d.decided_instances) for d in sim.changes()] == [(4, 1)]
+
+
 def test_a_return_into_the_band_restarts_the_down_delay() -> None:
     sim = Sim(instances=4)
     sim.run(until=49, load=1.0)
@@ -445,7 +469,8 @@ def situations(draw: st.DrawFn) -> tuple[ResolvedModelPolicy, State, Signals]:
     past = st.one_of(st.none(), st.floats(now - 200.0, now))
     state = State(
         up_since_s=draw(past), down_since_s=draw(past),
-        down_peak_instances=draw(st.one_of(st.none(), st.integers(1, 8))),
+        down_from_s=draw(past),
+        down_needs=tuple(draw(st.lists(st.tuples(st.floats(now - 200.0, now), st.integers(1, 8)), max_size=4))),
         panic_since_s=draw(past), changed_at_s=draw(past),
         memory_per_instance_bytes=draw(st.one_of(st.none(), st.sampled_from([1.0 * GIB, 10.0 * GIB]))))
     gpu = draw(st.one_of(st.none(), st.builds(

@@ -60,11 +60,23 @@ def _int(d: dict[str, Any], *path: str) -> int:
     return int(d) if not isinstance(d, dict) else 0
 
 
+# grpc's default reconnect backoff grows to 120 s: after a Triton restart the controller
+# would be blind for up to two minutes. channel_args replaces tritonclient's defaults,
+# so its unlimited message sizes are restated (its keepalive defaults are grpc's own).
+CHANNEL_ARGS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+]
+
+
 class TritonClient:
     def __init__(self, url: str, rpc_timeout_s: float = 10.0) -> None:
         self.url = url
         self.rpc_timeout_s = rpc_timeout_s
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
 
     async def close(self) -> None:
         await self._client.close()

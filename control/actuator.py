@@ -6,6 +6,11 @@ READY. The loop submits and later collects results; it never awaits the RPC.
 
 - A failed load leaves the old model serving (Triton does this). The exact
   (count, flags) that failed is not tried again for `failed_config_backoff_s`.
+- The load RPC waits up to `timeout_s` (control.reload_timeout_s) for Triton's
+  answer. Without one, Triton may still finish the load, so the reload is verified
+  like any other, for up to `verify_timeout_s` more: "ok" if Triton's config and
+  readiness show the change by then, else "unverified" (backed off from like a
+  failure). Triton itself is not asked to stop.
 - Strategy "full" bumps a generation parameter with every change so Triton
   loads the new copy beside the old and swaps (no blocking, no dropped
   requests, briefly two copies in memory); "update" changes the count only
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -72,16 +77,13 @@ class Actuator:
     failed_config_backoff_s: float = 300.0
     verify_timeout_s: float = 30.0
     clock: Clock = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # between verify polls; tests pass a fake
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _backoff_until: dict[tuple, float] = field(default_factory=dict)
 
     def pending(self, model: str) -> ReloadRequest | None:
         p = self._pending.get(model)
         return p.request if p else None
-
-    def pending_since_s(self, model: str) -> float | None:
-        p = self._pending.get(model)
-        return p.started_s if p else None
 
     def in_backoff(self, request: ReloadRequest, now_s: float) -> bool:
         return self._backoff_until.get(request.key, float("-inf")) > now_s
@@ -159,11 +161,4 @@ class Actuator:
                 pass
             if self.clock() >= deadline:
                 return False
-            await asyncio.sleep(0.25)
-
-
-def managed_keys_of(profiles: Iterable[Mapping[str, str]]) -> frozenset[str]:
-    keys: set[str] = set()
-    for params in profiles:
-        keys.update(params)
-    return frozenset(keys)
+            await self.sleep(0.25)

@@ -210,6 +210,8 @@ class ControlSection(_Frozen):
     # update: count-only changes take Triton's in-place path (can block under load);
     # auto: full where the GPU memory headroom holds two copies, else update.
     reload_strategy: ReloadStrategy = "full"
+    # How long the load RPC waits for Triton's answer. Without one, the reload is verified
+    # from Triton's config for up to 30 s more, then reported "unverified" and backed off from.
     reload_timeout_s: PositiveSeconds = 120.0
     # After a failed load, that exact config (count + profile) is not retried for this long.
     failed_config_backoff_s: Seconds = 300.0

@@ -26,7 +26,7 @@ from control.decide import Action, Decision, Reason
 from control.loop import Controller
 from control.overrides import GENERATION_KEY, build_override, matches, read_state
 from control.policy import BUILTIN_PROFILES, ResolvedModelPolicy
-from control.triton import LoadFailed, StatsSample, TritonError, TritonUnavailable
+from control.triton import LoadFailed, LoadTimedOut, StatsSample, TritonError, TritonUnavailable
 from proxy.gpu import GpuSample as ProxyGpuSample
 from proxy.gpu import GpuSnapshot
 from proxy.stats import LATENCY_BUCKETS_S, ModelSnapshot, ProxySnapshot
@@ -567,6 +567,34 @@ async def test_stopping_the_loop_cancels_a_pending_reload_and_closes_its_sources
     await asyncio.gather(run, return_exceptions=True)
     assert run.cancelled() and reload_task.done() and reload_task.cancelled()
     assert closed == ["sources"]
+
+
+@scenario
+async def test_a_load_without_an_answer_is_verified_for_verify_timeout_s_then_reported_unverified() -> None:
+    clock = FakeClock()
+    triton = FakeTriton({MODEL: model_config()})
+    triton.load_error = LoadTimedOut(f"loading {MODEL!r}: no answer within 60 s")  # and the config never changes
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now_s += seconds
+        await asyncio.sleep(0)
+
+    actuator = Actuator(triton, clock=clock, sleep=fake_sleep, verify_timeout_s=30.0)  # type: ignore[arg-type]
+    request = ReloadRequest(model=MODEL, instances=2, profile="multi", parameters=MULTI,
+                            managed_keys=frozenset(MULTI), strategy="full")
+    assert actuator.submit(request)
+    results: list[ReloadResult] = []
+    for _ in range(10_000):
+        results = actuator.collect()
+        if results:
+            break
+        await asyncio.sleep(0)
+    (result,) = results
+    assert (result.ok, result.result, result.instances_before) == (False, "unverified", 1)
+    assert clock.now_s == pytest.approx(30.0) and set(slept) == {0.25}  # polled every 0.25 s of fake time
+    assert not actuator.submit(request)  # "unverified" is backed off from like a failed load
 
 
 # ------------------------------------------------------------------------------ GPU memory

@@ -20,9 +20,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from control.actuator import CONFIG_FAILURES, ReloadRequest, ReloadResult
 from control.decide import Decision, State, decide, observe_reload
+from control.overrides import read_state
 from control.policy import ResolvedModelPolicy
 from control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
-                             inflight_sample, triton_sample)
+                             TritonSample, inflight_sample, triton_sample)
 from control.triton import StatsSample, TritonError
 from proxy.gpu import GpuSnapshot
 from proxy.stats import ProxySnapshot
@@ -128,12 +129,16 @@ class Controller:
         prev = self._prev_snapshot
         self._prev_snapshot = snapshot
         gpu = _gpu_sample(self.sources.gpu())
+        # Each model's config and statistics are two RPCs: read them all at once, so a tick
+        # takes one round trip, not two per model.
+        reads = await asyncio.gather(*(
+            asyncio.gather(self._live_config(name, m, now_s), self._triton(name, m, now_s))
+            for name, m in self.models.items()))
         decisions = []
-        for name, m in self.models.items():
+        for (name, m), (config, triton) in zip(self.models.items(), reads):
             inflight = (inflight_sample(prev.models.get(name), prev.now_s, snapshot.models.get(name), now_s)
                         if prev is not None else None)
-            signals = Signals(now_s=now_s, inflight=inflight, config=await self._live_config(name, m, now_s),
-                              triton=await self._triton(name, m, now_s), gpu=gpu,
+            signals = Signals(now_s=now_s, inflight=inflight, config=config, triton=triton, gpu=gpu,
                               reload_pending=self.applier.pending(name) is not None, last_reload=m.last_reload)
             decision, m.state = decide(signals, m.policy, m.state)
             decisions.append(decision)
@@ -143,8 +148,6 @@ class Controller:
         return decisions
 
     async def _live_config(self, name: str, m: _ModelLoop, now_s: float) -> LiveConfig | None:
-        from control.overrides import read_state
-
         try:
             config = await self.sources.live_config(name)
         except TritonError as exc:
@@ -165,7 +168,7 @@ class Controller:
             self.metrics.profile.labels(name, p.name).set(1 if p.name == current else 0)
         return m.config
 
-    async def _triton(self, name: str, m: _ModelLoop, now_s: float):
+    async def _triton(self, name: str, m: _ModelLoop, now_s: float) -> TritonSample | None:
         try:
             stats = await self.sources.triton_stats(name)
         except TritonError:
@@ -192,7 +195,9 @@ class Controller:
                                 managed_keys=m.policy.managed_parameter_keys,
                                 strategy=decision.strategy or "full")
         submitted = self.applier.submit(request)
-        log.info("controller.decision", **event, submitted=submitted)
+        # A refused submit (that config is backed off from) changes nothing, and it comes
+        # again after every cooldown: not worth INFO.
+        (log.info if submitted else log.debug)("controller.decision", **event, submitted=submitted)
         if submitted:
             m.memory_before_bytes = gpu.memory_used_bytes if gpu is not None else None
 

@@ -442,6 +442,21 @@ async def test_a_failed_reload_is_recorded_reported_and_not_retried_during_the_b
 
 
 @scenario
+async def test_a_decision_the_actuator_refuses_is_logged_at_debug_not_info() -> None:
+    loop = Loop()
+    loop.triton.reject = lambda config: TRITONS_MESSAGE  # Triton fails every load
+    await loop.expect(at=6, inflight=1.6, instances=1, action=Action.SCALE_UP)  # to 2: fails
+    await loop.expect(at=17, inflight=8.0, instances=1, action=Action.PANIC_UP)  # to 4: fails
+    # decide remembers only the last failure (4), so it asks for 2 again; the actuator
+    # still backs off from 2 and refuses: nothing changed, nothing worth INFO.
+    with capture_logs() as logs:
+        await loop.expect(at=28, inflight=1.6, instances=1, action=Action.SCALE_UP)
+    (event,) = events(logs, "controller.decision")
+    assert (event["log_level"], event["submitted"], event["instances"]) == ("debug", False, "1 -> 2")
+    assert [read_state(c).instances for _, c in loop.triton.loads] == [2, 4]
+
+
+@scenario
 async def test_a_reload_that_found_triton_unavailable_is_retried_after_the_cooldown_not_backed_off() -> None:
     loop = Loop()
     loop.triton.load_error = TritonUnavailable("loading 'm': Socket closed")
@@ -505,6 +520,33 @@ async def test_a_model_triton_does_not_know_is_no_data_and_the_others_go_on() ->
     assert (absent.action, absent.reason) == (Action.HOLD, Reason.NO_DATA)
     assert "unknown model" in controller.status()["models"]["absent"]["config_error"]
     assert present.action is Action.PANIC_UP and read_state(triton.configs[MODEL]).instances == 4
+
+
+@scenario
+async def test_a_tick_reads_every_models_config_and_statistics_at_once() -> None:
+    """Each read waits until all four are in flight: one after another, the tick would hang."""
+    clock = FakeClock()
+    triton = FakeTriton({MODEL: model_config(), "other": model_config()})
+    sources = FakeSources(triton)
+    in_flight: list[str] = []
+    all_in = asyncio.Event()
+
+    def concurrently(read: Any) -> Any:
+        async def wrapped(model: str) -> Any:
+            in_flight.append(model)
+            if len(in_flight) == 4:
+                all_in.set()
+            await all_in.wait()
+            return await read(model)
+        return wrapped
+
+    sources.live_config = concurrently(sources.live_config)  # type: ignore[method-assign]
+    sources.triton_stats = concurrently(sources.triton_stats)  # type: ignore[method-assign]
+    controller = Controller({MODEL: POLICY, "other": policy(model="other")}, sources,
+                            Actuator(triton, clock=clock), clock=clock)  # type: ignore[arg-type]
+    decisions = await asyncio.wait_for(controller.tick(clock.now_s), timeout=5.0)
+    assert [d.current_instances for d in decisions] == [1, 1]
+    assert sorted(in_flight) == [MODEL, MODEL, "other", "other"]
 
 
 @scenario

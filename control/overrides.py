@@ -10,7 +10,7 @@ Facts this relies on (../shared/notes/pytorch-backend-flags.md):
 - a change besides instance_group/version_policy makes Triton load a new copy
   beside the old one and swap (a full reload); a count-only change takes the
   in-place path, which can block for minutes under load. Bumping
-  GENERATION_KEY with the count forces the full reload.
+  GENERATION_PARAMETER with the count forces the full reload.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-GENERATION_KEY = "tritonpilot_generation"
+from control.policy import GENERATION_PARAMETER
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class LiveModelState:
     """What Triton's own config says the model runs now."""
     instances: int              # count of the first instance_group (see instance_count)
     parameters: dict[str, str]  # every string parameter
-    generation: int             # GENERATION_KEY, 0 when absent
+    generation: int             # GENERATION_PARAMETER, 0 when absent
 
 
 def instance_count(config: Mapping[str, Any]) -> int:
@@ -49,7 +49,7 @@ def string_parameters(config: Mapping[str, Any]) -> dict[str, str]:
 def read_state(config: Mapping[str, Any]) -> LiveModelState:
     params = string_parameters(config)
     try:
-        generation = int(params.get(GENERATION_KEY, "0"))
+        generation = int(params.get(GENERATION_PARAMETER, "0"))
     except ValueError:
         generation = 0
     return LiveModelState(instance_count(config), params, generation)
@@ -62,7 +62,7 @@ def build_override(live: Mapping[str, Any], instances: int, parameters: Mapping[
     managed_keys: every flag key any profile of this model sets; those the new
     profile lacks are removed (so stepping back to one instance drops
     DISABLE_OPTIMIZED_EXECUTION). Other parameters, instance kinds and gpus stay.
-    generation: written as GENERATION_KEY to force a full reload; None keeps the
+    generation: written as GENERATION_PARAMETER to force a full reload; None keeps the
     live value untouched (an in-place, count-only update when only the count changes).
     """
     if instances < 1:
@@ -77,7 +77,7 @@ def build_override(live: Mapping[str, Any], instances: int, parameters: Mapping[
     for key, value in parameters.items():
         params[key] = {"string_value": str(value)}
     if generation is not None:
-        params[GENERATION_KEY] = {"string_value": str(generation)}
+        params[GENERATION_PARAMETER] = {"string_value": str(generation)}
     config["parameters"] = params
     return config
 

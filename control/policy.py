@@ -349,12 +349,6 @@ class ResolvedModelPolicy:
         """The name of the first profile the live parameters match, or None."""
         return next((p.name for p in self.profiles if self.parameters_match(p, live)), None)
 
-    def apply_profile(self, live: Mapping[str, str], profile: Profile) -> dict[str, str]:
-        """The live parameters with `profile` applied: its keys set, other managed keys
-        removed, everything else kept (the load override replaces the whole map)."""
-        kept = {k: v for k, v in live.items() if k not in self.managed_parameter_keys}
-        return {**kept, **profile.parameters}
-
 
 def resolve(policy: Policy) -> dict[str, ResolvedModelPolicy]:
     """Each model under `models`, its keys taken from its override or else `defaults`."""

@@ -78,7 +78,9 @@ class Sim:
         self._pending = None
         if not self.fail_reloads:
             self.instances = count
-            self.parameters = self.policy.apply_profile(self.parameters, profile)
+            # As the override does: the profile's keys set, other managed keys gone, the rest kept.
+            kept = {k: v for k, v in self.parameters.items() if k not in self.policy.managed_parameter_keys}
+            self.parameters = {**kept, **profile.parameters}
         self.last_reload = ReloadRecord(finished_s=finished_s, duration_s=self.reload_s, ok=not self.fail_reloads,
                                         instances=count, profile=profile.name)
 

@@ -24,8 +24,8 @@ from structlog.testing import capture_logs
 from control.actuator import Actuator, ReloadRequest, ReloadResult
 from control.decide import Action, Decision, Reason
 from control.loop import Controller
-from control.overrides import GENERATION_KEY, build_override, matches, read_state
-from control.policy import BUILTIN_PROFILES, ResolvedModelPolicy
+from control.overrides import build_override, matches, read_state
+from control.policy import BUILTIN_PROFILES, GENERATION_PARAMETER, ResolvedModelPolicy
 from control.triton import LoadFailed, LoadTimedOut, StatsSample, TritonError, TritonUnavailable
 from proxy.gpu import GpuSample as ProxyGpuSample
 from proxy.gpu import GpuSnapshot
@@ -298,7 +298,7 @@ async def test_scale_up_only_after_the_load_lasts_the_up_delay() -> None:
     # One load: the whole config, count and flags together, the generation bumped (a full reload).
     ((model, sent),) = loop.triton.loads
     assert model == MODEL and read_state(sent).instances == 2
-    assert read_state(sent).parameters == {"SLEEP_MS": "20", **MULTI, GENERATION_KEY: "1"}
+    assert read_state(sent).parameters == {"SLEEP_MS": "20", **MULTI, GENERATION_PARAMETER: "1"}
     await loop.expect(at=30, inflight=1.6, instances=2, reason=Reason.WITHIN_BAND)
     assert len(loop.changes()) == 1
 
@@ -308,11 +308,11 @@ async def test_load_then_quiet_goes_up_with_the_multi_profile_and_back_to_single
     loop = Loop()
     # 8 >= 2 x 1 in flight since the first sample (1), for panic_window_s = 1 at 2.
     await loop.expect(at=2, inflight=8.0, instances=4, action=Action.PANIC_UP)
-    assert loop.live_parameters() == {"SLEEP_MS": "20", **MULTI, GENERATION_KEY: "1"}
+    assert loop.live_parameters() == {"SLEEP_MS": "20", **MULTI, GENERATION_PARAMETER: "1"}
     await loop.expect(at=20, inflight=8.0, instances=4, reason=Reason.AT_MAX)
     await loop.expect(at=50, inflight=1.0, instances=4, reason=Reason.WAITING_DOWN_DELAY)
     await loop.expect(at=51, inflight=1.0, instances=1, action=Action.SCALE_DOWN)  # 30 s after 21
-    assert loop.live_parameters() == {"SLEEP_MS": "20", **SINGLE, GENERATION_KEY: "2"}
+    assert loop.live_parameters() == {"SLEEP_MS": "20", **SINGLE, GENERATION_PARAMETER: "2"}
     assert [(d.current_instances, d.decided_instances, d.profile.name) for d in loop.changes()] == [
         (1, 4, "multi"), (4, 1, "single")]
 
@@ -324,7 +324,7 @@ async def test_a_bare_config_is_reprofiled_once_and_other_parameters_are_kept() 
                           reason=Reason.PROFILE_MISMATCH)
     assert d.current_profile is None and d.profile.name == "single"
     await loop.expect(at=60, inflight=0.5, instances=1, reason=Reason.WITHIN_BAND)
-    assert loop.live_parameters() == {"SLEEP_MS": "20", **SINGLE, GENERATION_KEY: "1"}
+    assert loop.live_parameters() == {"SLEEP_MS": "20", **SINGLE, GENERATION_PARAMETER: "1"}
     assert len(loop.triton.loads) == 1
 
 
@@ -757,12 +757,12 @@ def test_build_override_removes_managed_keys_the_new_profile_lacks_and_nothing_e
 def test_build_override_generation_bump_or_keep() -> None:
     live = model_config(1)
     bumped = build_override(live, 2, MULTI, MULTI.keys(), generation=read_state(live).generation + 1)
-    assert read_state(bumped).generation == 1 and bumped["parameters"][GENERATION_KEY] == {"string_value": "1"}
+    assert read_state(bumped).generation == 1 and bumped["parameters"][GENERATION_PARAMETER] == {"string_value": "1"}
     again = build_override(bumped, 1, SINGLE, MULTI.keys(), generation=read_state(bumped).generation + 1)
     assert read_state(again).generation == 2
     kept = build_override(again, 3, MULTI, MULTI.keys(), generation=None)  # in place: untouched
-    assert kept["parameters"][GENERATION_KEY] == {"string_value": "2"}
-    assert GENERATION_KEY not in build_override(live, 2, MULTI, MULTI.keys(), generation=None)["parameters"]
+    assert kept["parameters"][GENERATION_PARAMETER] == {"string_value": "2"}
+    assert GENERATION_PARAMETER not in build_override(live, 2, MULTI, MULTI.keys(), generation=None)["parameters"]
 
 
 def test_build_override_edge_cases() -> None:
@@ -771,7 +771,7 @@ def test_build_override_edge_cases() -> None:
     bare = {"name": MODEL, "backend": "python"}  # no instance_group, no parameters
     out = build_override(bare, 2, SINGLE, SINGLE.keys(), generation=1)
     assert out["instance_group"] == [{"kind": "KIND_AUTO", "count": 2}]
-    assert read_state(out).parameters == {"INFERENCE_MODE": "true", GENERATION_KEY: "1"}
+    assert read_state(out).parameters == {"INFERENCE_MODE": "true", GENERATION_PARAMETER: "1"}
     # Triton may hand back a parameter without a string_value: it is carried over as it was.
     odd = model_config()
     odd["parameters"]["EMPTY"] = {}
@@ -781,13 +781,13 @@ def test_build_override_edge_cases() -> None:
 def test_read_state_counts_and_generations() -> None:
     assert read_state({}).instances == 1 and read_state({}).generation == 0
     assert read_state({"instance_group": [{"kind": "KIND_CPU"}]}).instances == 1  # count omitted
-    bad = model_config(parameters={GENERATION_KEY: "x"})
+    bad = model_config(parameters={GENERATION_PARAMETER: "x"})
     assert read_state(bad).generation == 0
 
 
 def test_matches_checks_every_group_and_exactly_the_managed_flags() -> None:
     keys = {"INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION"}
-    live = model_config(2, parameters={**MULTI, GENERATION_KEY: "7", "OTHER": "x"})
+    live = model_config(2, parameters={**MULTI, GENERATION_PARAMETER: "7", "OTHER": "x"})
     assert matches(live, 2, MULTI, keys)  # generation and unmanaged keys do not matter
     assert not matches(live, 3, MULTI, keys)
     assert not matches(live, 2, SINGLE, keys)  # DISABLE_OPTIMIZED_EXECUTION left over
@@ -800,7 +800,7 @@ def test_matches_checks_every_group_and_exactly_the_managed_flags() -> None:
 
 flag_values = st.sampled_from(["true", "false", "1", "off"])
 params_st = st.dictionaries(st.sampled_from(["INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION", "ENABLE_CACHE_CLEANING",
-                                             "OTHER", GENERATION_KEY]), flag_values, max_size=5)
+                                             "OTHER", GENERATION_PARAMETER]), flag_values, max_size=5)
 
 
 @settings(max_examples=200, deadline=None)
@@ -813,13 +813,14 @@ def test_an_override_always_matches_what_it_was_built_for(live_params: dict[str,
                                                            extra_managed: set[str], live_count: int, count: int,
                                                            bump: bool) -> None:
     live = model_config(live_count, parameters={k: v for k, v in live_params.items()
-                                                 if k != GENERATION_KEY or v.isdigit()})
+                                                 if k != GENERATION_PARAMETER or v.isdigit()})
     managed = set(new_params) | extra_managed
     generation = read_state(live).generation + 1 if bump else None
     out = build_override(live, count, new_params, managed, generation)
     assert matches(out, count, new_params, managed)
     # Unmanaged parameters survive untouched.
-    unmanaged_before = {k: v for k, v in read_state(live).parameters.items() if k not in managed | {GENERATION_KEY}}
-    unmanaged_after = {k: v for k, v in read_state(out).parameters.items() if k not in managed | {GENERATION_KEY}}
+    owned = managed | {GENERATION_PARAMETER}
+    unmanaged_before = {k: v for k, v in read_state(live).parameters.items() if k not in owned}
+    unmanaged_after = {k: v for k, v in read_state(out).parameters.items() if k not in owned}
     assert unmanaged_after == unmanaged_before
     assert read_state(out).generation == (generation if bump else read_state(live).generation)

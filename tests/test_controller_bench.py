@@ -9,9 +9,10 @@ import argparse
 import pytest
 
 from tritonpilot.benchlib import LevelResult
-from tritonpilot.controller_bench import (BEGIN, END, ConfigSample, RunReport, Settings, configure, judge,
-                                          mean_instances, phase_reports, reconfigurations, render_block,
-                                          replace_block, settings_from_args, step_times)
+from tritonpilot.controller_bench import (BEGIN, END, ConfigSample, RunReport, Settings, config_timeline,
+                                          configure, judge, mean_instances, phase_reports, reconfigurations,
+                                          render_block, replace_block, results_summary, settings_from_args,
+                                          step_times)
 
 SETTINGS = Settings(phase_s=60.0, transition_s=10.0)
 
@@ -123,6 +124,20 @@ def test_the_report_block_and_only_it_is_replaced_in_the_document() -> None:
     heading_only = "# Benchmarks\n\n## Controller\n\nnotes first\n\n## Proxy\n\nx\n"
     placed = replace_block(heading_only, block)
     assert placed.index(BEGIN) < placed.index("notes first") < placed.index("## Proxy")
+
+
+def test_the_json_keeps_a_config_timeline_of_changes_not_every_sample() -> None:
+    s = samples((0, 64, 1, 1), (64, 127, 4, 2)) + [ConfigSample(127.0, None, None)] \
+        + samples((127.5, 180, 1, 3))
+    timeline = config_timeline(s)
+    assert [(e["t_s"], e["instances"], e["generation"]) for e in timeline] == [
+        (0, 1, 1), (64, 4, 2), (127.0, None, None), (127.5, 1, 3), (179.5, 1, 3)]
+    summary = results_summary(SETTINGS, runs([level(20, 20, 25), level(140, 139, 40), level(20, 20, 26)], s),
+                              {"date": "d"})
+    controller = summary["runs"]["controller"]
+    assert "samples" not in controller and controller["config_samples"] == len(s)
+    assert controller["config_samples_unread"] == 1 and controller["config_timeline"] == timeline
+    assert controller["phases"][1]["reconfigurations"] == 1  # judged from every sample, before shortening
 
 
 def test_options() -> None:

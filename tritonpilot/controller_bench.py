@@ -15,7 +15,8 @@ tritonpilot. Per phase (after its transition window) it reports offered vs serve
 p95, failures, mean instances; then the issue's targets for the controller, met or not.
 
 `bash scripts/bench-controller` writes the "Controller" section of docs/benchmarks.md
-(only the block between its markers) and the raw figures as JSON beside it.
+(only the block between its markers) and, as JSON beside it, the per-phase figures and
+Triton's config as a timeline of its changes (not every 0.5 s sample: that is ~200 KB).
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ def render_block(settings: Settings, runs: Mapping[str, RunReport], meta: Mappin
     if late:
         lines += ["", f"Sends that left later than their schedule allowed (client-side lag): "
                       f"{', '.join(f'{k} {v}' for k, v in late.items())}."]
-    lines += ["", f"Raw figures: `{RESULTS_JSON.relative_to(ROOT)}`.", "", END]
+    lines += ["", f"Per-phase figures and Triton's config timeline: `{RESULTS_JSON.relative_to(ROOT)}`.", "", END]
     return "\n".join(lines)
 
 
@@ -579,17 +580,42 @@ def _reload_counts(metrics_text: str) -> dict[str, float]:
             for s in f.samples if s.name == "tritonpilot_reloads_total" and s.labels.get("model") == MODEL}
 
 
+def config_timeline(samples: Sequence[ConfigSample]) -> list[dict[str, Any]]:
+    """Triton's sampled config, kept where it changed (count, generation, flags, or a read
+    that failed or came back) and at the last sample, so where sampling ended shows."""
+    out: list[dict[str, Any]] = []
+    prev: tuple[Any, ...] | None = None
+    for s in samples:
+        key = (s.instances, s.generation, tuple(sorted(s.flags.items())))
+        if key != prev:
+            out.append(asdict(s))
+            prev = key
+    if samples and out[-1]["t_s"] != samples[-1].t_s:
+        out.append(asdict(samples[-1]))
+    return out
+
+
+def results_summary(settings: Settings, runs: Mapping[str, RunReport], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What docs/benchmarks-controller.json keeps: per-phase figures and targets, and each
+    run's config timeline instead of its every sample."""
+    out_runs = {}
+    for mode, r in runs.items():
+        run = {k: v for k, v in asdict(r).items() if k != "samples"}
+        run["config_samples"] = len(r.samples)
+        run["config_samples_unread"] = sum(1 for s in r.samples if s.instances is None)
+        run["config_timeline"] = config_timeline(r.samples)
+        out_runs[mode] = run
+    return {"meta": dict(meta), "settings": asdict(settings), "targets": [asdict(t) for t in judge(runs)],
+            "runs": out_runs}
+
+
 def write_results(settings: Settings, runs: Mapping[str, RunReport], meta: Mapping[str, Any],
                   doc: Path, results_json: Path) -> None:
     block = render_block(settings, runs, meta)
     doc.parent.mkdir(parents=True, exist_ok=True)
     text = doc.read_text() if doc.exists() else ""
     doc.write_text(replace_block(text, block))
-    results_json.write_text(json.dumps({
-        "meta": dict(meta), "settings": asdict(settings),
-        "targets": [asdict(t) for t in judge(runs)],
-        "runs": {m: asdict(r) for m, r in runs.items()},
-    }, indent=1, default=str) + "\n")
+    results_json.write_text(json.dumps(results_summary(settings, runs, meta), indent=1, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- command line

@@ -27,20 +27,6 @@ RUNNER_SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "torchscript
 VERSION = "1"
 # Numeric types only: the runner hands tensors to torch (TYPE_STRING is libtorch's List[str]).
 DTYPES = ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64")
-# Keys the libtorch backend reads (pytorch_backend src/pt/model_state.cc), plus ours.
-KNOWN_KEYS = (
-    "DISABLE_OPTIMIZED_EXECUTION",
-    "ENABLE_CACHE_CLEANING",
-    "INFERENCE_MODE",
-    "DISABLE_CUDNN",
-    "ENABLE_TENSOR_FUSER",
-    "ENABLE_WEIGHT_SHARING",
-    "ENABLE_JIT_PROFILING",
-    "ENABLE_JIT_EXECUTOR",
-    "INTRA_OP_THREAD_COUNT",
-    "INTER_OP_THREAD_COUNT",
-    "TRITONPILOT_REPORT_FLAGS",
-)
 # Accepted by the backend but without effect today; worth a warning.
 IGNORED_KEYS = {"ENABLE_NVFUSER": "not read by the libtorch backend since 23.12 (nvfuser removed), nor by the runner"}
 EXIT_USAGE = 2
@@ -102,14 +88,18 @@ def load_runner_module() -> ModuleType:
 def check_parameters(parameters: Mapping[str, str]) -> list[str]:
     """Raise RunnerError for a value the backend would refuse; return warnings
     for keys that do nothing."""
+    if not parameters:
+        return []
+    runner = load_runner_module()
+    # The keys the runner reads are the libtorch backend's (src/pt/model_state.cc), plus its own.
+    known = {*runner.BOOL_KEYS, *runner.INT_KEYS, runner.REPORT_KEY}
     warnings = []
     for key in parameters:
         if key in IGNORED_KEYS:
             warnings.append(f"parameter {key}: {IGNORED_KEYS[key]}")
-        elif key not in KNOWN_KEYS:
+        elif key not in known:
             warnings.append(f"parameter {key}: not a libtorch backend key; the runner ignores it")
-    if any(key in KNOWN_KEYS for key in parameters):
-        runner = load_runner_module()
+    if any(key in known for key in parameters):
         try:
             runner.parse_parameters({k: {"string_value": v} for k, v in parameters.items()})
         except runner.ParameterError as exc:

@@ -129,7 +129,7 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stream:
     """One HTTP/2 stream (one RPC) the relay is following."""
     stream_id: int

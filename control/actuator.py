@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from control.overrides import build_override, matches, read_state
-from control.triton import LoadFailed, LoadTimedOut, TritonClient, TritonError, TritonUnavailable
+from tritonpilot.control.overrides import build_override, matches, read_state
+from tritonpilot.control.triton import LoadFailed, LoadTimedOut, TritonClient, TritonError, TritonUnavailable
 
 log = structlog.get_logger(__name__)
 

@@ -63,8 +63,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal, Protocol, TypeVar
 
-from control.policy import Profile, ResolvedModelPolicy
-from control.signals import GpuSample, InflightSample, LiveConfig, Signals
+from tritonpilot.control.policy import Profile, ResolvedModelPolicy
+from tritonpilot.control.signals import GpuSample, InflightSample, LiveConfig, Signals
 
 Number = float | int | str | None
 Strategy = Literal["full", "update"]

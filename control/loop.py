@@ -18,15 +18,15 @@ from typing import Any, Protocol
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from control.actuator import CONFIG_FAILURES, ReloadRequest, ReloadResult
-from control.decide import Decision, State, decide, observe_reload
-from control.overrides import read_state
-from control.policy import ResolvedModelPolicy
-from control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
+from tritonpilot.control.actuator import CONFIG_FAILURES, ReloadRequest, ReloadResult
+from tritonpilot.control.decide import Decision, State, decide, observe_reload
+from tritonpilot.control.overrides import read_state
+from tritonpilot.control.policy import ResolvedModelPolicy
+from tritonpilot.control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
                              TritonSample, inflight_sample, triton_sample)
-from control.triton import StatsSample, TritonError
-from proxy.gpu import GpuSnapshot
-from proxy.stats import ProxySnapshot
+from tritonpilot.control.triton import StatsSample, TritonError
+from tritonpilot.proxy.gpu import GpuSnapshot
+from tritonpilot.proxy.stats import ProxySnapshot
 
 log = structlog.get_logger(__name__)
 

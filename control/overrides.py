@@ -3,7 +3,7 @@
 Pure functions on the JSON form of Triton's ModelConfig (as ModelConfig RPC
 returns it with as_json=True, and as RepositoryModelLoad's `config` takes it).
 
-Facts this relies on (../shared/notes/pytorch-backend-flags.md):
+Facts this relies on (docs/triton-notes.md, section 2):
 - the override replaces the whole config, `parameters` included, so it is built
   from the live one and changes only what the controller owns;
 - only `string_value` parameters are read by the PyTorch backend;
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from control.policy import GENERATION_PARAMETER
+from tritonpilot.control.policy import GENERATION_PARAMETER
 
 
 @dataclass(frozen=True)

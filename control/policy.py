@@ -15,7 +15,7 @@ Validation runs in two passes: pydantic checks each value on its own (types, ran
 unknown keys), then `_semantic_problems` checks what needs several values at once
 (min <= max, profile coverage, flags across models). Flag values are also checked on
 the raw YAML when the first pass fails, so one run shows as many problems as it can.
-Facts about the flags: ../shared/notes/pytorch-backend-flags.md.
+Facts about the flags: docs/triton-notes.md.
 """
 
 from __future__ import annotations

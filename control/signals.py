@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.stats import ModelSnapshot, quantile_from_buckets
+from tritonpilot.proxy.stats import ModelSnapshot, quantile_from_buckets
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import h2.events
 import h2.exceptions
 import structlog
 
-from proxy import wire
-from proxy.relay import (GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED, HEALTH_CHECK, MODEL_INFER, MODEL_STREAM_INFER,
+from tritonpilot.proxy import wire
+from tritonpilot.proxy.wire import (GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED, HEALTH_CHECK, MODEL_INFER, MODEL_STREAM_INFER,
                          grpc_status_headers)
-from proxy.stats import UNKNOWN_MODEL, ProxyStats
+from tritonpilot.proxy.stats import UNKNOWN_MODEL, ProxyStats
 
 log = structlog.get_logger(__name__)
 

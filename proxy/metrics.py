@@ -23,8 +23,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from proxy.gpu import GpuSampler, GpuSnapshot
-from proxy.stats import LATENCY_BUCKETS_S, UNKNOWN_MODEL, ProxySnapshot, ProxyStats
+from tritonpilot.proxy.gpu import GpuSampler, GpuSnapshot
+from tritonpilot.proxy.stats import LATENCY_BUCKETS_S, UNKNOWN_MODEL, ProxySnapshot, ProxyStats
 
 # Prometheus label values may be empty, but an empty model label reads as "no label";
 # requests whose model could not be read are exported under this name instead.

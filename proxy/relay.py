@@ -33,13 +33,16 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 import hpack
 import structlog
 
-from proxy import wire
-from proxy.stats import UNKNOWN_MODEL, ModelStats, ProxyStats
+from tritonpilot.proxy import wire
+from tritonpilot.proxy.wire import (GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_OK, GRPC_PERMISSION_DENIED,
+                                     GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED, GRPC_UNKNOWN,
+                                     HEALTH_CHECK, HEALTH_WATCH, MODEL_CONTROL, MODEL_INFER, MODEL_STREAM_INFER,
+                                     SERVICE, grpc_status_headers)
+from tritonpilot.proxy.stats import UNKNOWN_MODEL, ModelStats, ProxyStats
 
 log = structlog.get_logger(__name__)
 
@@ -50,16 +53,6 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE = 0x1
 H2_NO_ERROR, H2_CANCEL, H2_REFUSED_STREAM = 0x0, 0x8, 0x7
-
-SERVICE = b"/inference.GRPCInferenceService/"
-MODEL_INFER = SERVICE + b"ModelInfer"
-MODEL_STREAM_INFER = SERVICE + b"ModelStreamInfer"
-MODEL_CONTROL = {SERVICE + b"RepositoryModelLoad", SERVICE + b"RepositoryModelUnload"}
-HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
-HEALTH_WATCH = b"/grpc.health.v1.Health/Watch"
-
-GRPC_OK, GRPC_CANCELLED, GRPC_UNKNOWN, GRPC_DEADLINE_EXCEEDED = 0, 1, 2, 4
-GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_UNAVAILABLE = 7, 8, 12, 14
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 # A client reset this close to its deadline counts as DEADLINE_EXCEEDED (see _cancel_code).
@@ -101,11 +94,6 @@ def literal_header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
     for name, value in headers:
         out += b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
     return bytes(out)
-
-
-def grpc_status_headers(code: int, message: str) -> list[tuple[bytes, bytes]]:
-    return [(b"grpc-status", str(code).encode()),
-            (b"grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode())]
 
 
 def trailers_only_response(stream_id: int, code: int, message: str) -> bytes:
@@ -752,7 +740,7 @@ class Relay:
         task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, client: _ClientProtocol) -> None:
-        from proxy.local import LocalResponder  # only needed when Triton is down
+        from tritonpilot.proxy.local import LocalResponder  # only needed when Triton is down
 
         pair = client.pair
         assert pair is not None

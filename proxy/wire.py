@@ -10,7 +10,19 @@ before any tensor data. Parsers here never raise on garbage: they return None.
 from __future__ import annotations
 
 import zlib
+from urllib.parse import quote
 from collections.abc import Callable
+
+# The RPCs the relay tells apart, by :path, and the gRPC status codes it answers with.
+SERVICE = b"/inference.GRPCInferenceService/"
+MODEL_INFER = SERVICE + b"ModelInfer"
+MODEL_STREAM_INFER = SERVICE + b"ModelStreamInfer"
+MODEL_CONTROL = {SERVICE + b"RepositoryModelLoad", SERVICE + b"RepositoryModelUnload"}
+HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
+HEALTH_WATCH = b"/grpc.health.v1.Health/Watch"
+
+GRPC_OK, GRPC_CANCELLED, GRPC_UNKNOWN, GRPC_DEADLINE_EXCEEDED = 0, 1, 2, 4
+GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_UNAVAILABLE = 7, 8, 12, 14
 
 # How many bytes of each message the scanners keep for peeking.
 HEAD_BYTES = 1024
@@ -194,3 +206,8 @@ class MessageScanner:
                     self.on_message(self._head, self._compressed, self._length)
             i += take
             self._left -= take
+
+
+def grpc_status_headers(code: int, message: str) -> list[tuple[bytes, bytes]]:
+    return [(b"grpc-status", str(code).encode()),
+            (b"grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode())]

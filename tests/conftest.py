@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import structlog
 
-from tritonpilot.embedded import EmbeddedTriton
+from tritonpilot.tools.embedded import EmbeddedTriton
 from tritonpilot.ports import free_port as _free_port
 
 MODELS_DIR = Path(__file__).parent / "models"

@@ -29,11 +29,10 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from proxy.stats import ModelSnapshot, ProxySnapshot
-from tritonpilot.serve import Sidecar, SidecarConfig
+from tritonpilot.proxy.stats import ModelSnapshot, ProxySnapshot
+from tritonpilot.sidecar.serve import Sidecar, SidecarConfig
 
 PROXY_MODELS_DIR = Path(__file__).parent / "proxy_models"
-REPO_ROOT = Path(__file__).parent.parent
 
 T = TypeVar("T")
 
@@ -154,7 +153,7 @@ class ServeProcess:
                 [sys.executable, "-m", "tritonpilot", "serve", "--triton", triton_url,
                  "--listen", self.url, "--metrics-listen", f"127.0.0.1:{metrics_port}",
                  "--log-format", "json", *extra_args],
-                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+                cwd=log_path.parent, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
 
     def wait_serving(self) -> None:
         def up() -> bool:

@@ -15,8 +15,9 @@ import re
 import numpy as np
 import pytest
 
-from tritonpilot import bench, benchlib, cli
-from tritonpilot.benchlib import BenchError, LevelResult, RateLoad
+from tritonpilot import cli
+from tritonpilot.tools import bench, benchlib
+from tritonpilot.tools.benchlib import BenchError, LevelResult, RateLoad
 from tritonpilot.ports import free_port
 
 MS = 1_000_000  # ns

@@ -8,8 +8,8 @@ import argparse
 
 import pytest
 
-from tritonpilot.benchlib import LevelResult
-from tritonpilot.controller_bench import (BEGIN, END, ConfigSample, RunReport, Settings, config_timeline,
+from tritonpilot.tools.benchlib import LevelResult
+from controller_bench import (BEGIN, END, ConfigSample, RunReport, Settings, config_timeline,
                                           configure, judge, mean_instances, phase_reports, reconfigurations,
                                           render_block, replace_block, results_summary, settings_from_args,
                                           step_times)

@@ -28,14 +28,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 import uvloop
 
-from control.actuator import Actuator
-from control.loop import Controller, LiveSources
-from control.overrides import read_state
-from control.policy import PolicyError, Profile, ResolvedModelPolicy, parse_policy
-from control.triton import TritonClient
+from tritonpilot.control.actuator import Actuator
+from tritonpilot.control.loop import Controller, LiveSources
+from tritonpilot.control.overrides import read_state
+from tritonpilot.control.policy import PolicyError, Profile, ResolvedModelPolicy, parse_policy
+from tritonpilot.control.triton import TritonClient
 from proxy_support import WAIT_S, scrape, wait_until
-from tritonpilot.embedded import EmbeddedTriton
-from tritonpilot.serve import Sidecar, SidecarConfig
+from tritonpilot.tools.embedded import EmbeddedTriton
+from tritonpilot.sidecar.serve import Sidecar, SidecarConfig
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -278,7 +278,7 @@ def runner_model(tmp_path: Path) -> Path:
     """A model repository with `lin`: a scripted Linear(4 -> 3) served by the TorchScript runner,
     whose config.pbtxt sets no PyTorch flags."""
     torch = pytest.importorskip("torch")
-    from tritonpilot.runner import TensorSpec, write_model_dir
+    from tritonpilot.tools.runner import TensorSpec, write_model_dir
 
     pt = tmp_path / "lin.pt"
     torch.manual_seed(0)

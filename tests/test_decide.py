@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from control.decide import Action, Decision, Reason, State, decide, observe_reload
-from control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy
-from control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
+from tritonpilot.control.decide import Action, Decision, Reason, State, decide, observe_reload
+from tritonpilot.control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy
+from tritonpilot.control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
                              inflight_sample, triton_sample)
-from proxy.stats import ModelStats
+from tritonpilot.proxy.stats import ModelStats
 
 GIB = 1 << 30
 SINGLE = {"INFERENCE_MODE": "true"}

@@ -26,8 +26,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tritonpilot import embedded
-from tritonpilot.embedded import (
+from tritonpilot.tools import embedded
+from tritonpilot.tools.embedded import (
     EmbeddedTriton,
     TritonNotInstalledError,
     TritonStartError,
@@ -369,7 +369,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).parent.parent,
+        cwd=tmp_path,
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
@@ -416,7 +416,7 @@ def test_cli_sigterm_while_starting_stops_what_it_began(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).parent.parent,
+        cwd=tmp_path,
     )
     try:
         deadline = time.monotonic() + 120

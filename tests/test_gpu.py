@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from proxy.gpu import (
+from tritonpilot.proxy.gpu import (
     GpuSample,
     GpuSnapshot,
     NullGpuSampler,

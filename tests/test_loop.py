@@ -21,15 +21,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from control.actuator import Actuator, ReloadRequest, ReloadResult
-from control.decide import Action, Decision, Reason
-from control.loop import Controller
-from control.overrides import build_override, matches, read_state
-from control.policy import BUILTIN_PROFILES, GENERATION_PARAMETER, ResolvedModelPolicy
-from control.triton import LoadFailed, LoadTimedOut, StatsSample, TritonError, TritonUnavailable
-from proxy.gpu import GpuSample as ProxyGpuSample
-from proxy.gpu import GpuSnapshot
-from proxy.stats import LATENCY_BUCKETS_S, ModelSnapshot, ProxySnapshot
+from tritonpilot.control.actuator import Actuator, ReloadRequest, ReloadResult
+from tritonpilot.control.decide import Action, Decision, Reason
+from tritonpilot.control.loop import Controller
+from tritonpilot.control.overrides import build_override, matches, read_state
+from tritonpilot.control.policy import BUILTIN_PROFILES, GENERATION_PARAMETER, ResolvedModelPolicy
+from tritonpilot.control.triton import LoadFailed, LoadTimedOut, StatsSample, TritonError, TritonUnavailable
+from tritonpilot.proxy.gpu import GpuSample as ProxyGpuSample
+from tritonpilot.proxy.gpu import GpuSnapshot
+from tritonpilot.proxy.stats import LATENCY_BUCKETS_S, ModelSnapshot, ProxySnapshot
 
 MODEL = "m"
 GIB = 1 << 30

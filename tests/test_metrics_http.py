@@ -14,10 +14,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from proxy.gpu import GpuSample, GpuSnapshot, NullGpuSampler
-from proxy.http import MetricsServer
-from proxy.metrics import ProxyCollector, new_registry
-from proxy.stats import LATENCY_BUCKETS_S, ProxyStats
+from tritonpilot.proxy.gpu import GpuSample, GpuSnapshot, NullGpuSampler
+from tritonpilot.proxy.http import MetricsServer
+from tritonpilot.proxy.metrics import ProxyCollector, new_registry
+from tritonpilot.proxy.stats import LATENCY_BUCKETS_S, ProxyStats
 
 GIB = 1024**3
 OK, INVALID_ARGUMENT, UNAVAILABLE = 0, 3, 14

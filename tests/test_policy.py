@@ -9,7 +9,7 @@ from textwrap import dedent
 import pytest
 import yaml
 
-from control.policy import (BUILTIN_PROFILES, ModelOverride, ModelSettings, PolicyError, load_policy,
+from tritonpilot.control.policy import (BUILTIN_PROFILES, ModelOverride, ModelSettings, PolicyError, load_policy,
                             parse_flag_bool, parse_flag_int, parse_policy, policy_warnings, resolve)
 from tritonpilot.cli import main
 

@@ -18,10 +18,10 @@ import tritonclient.grpc.aio as aioclient
 from structlog.testing import capture_logs
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from proxy.relay import PREFACE
+from tritonpilot.proxy.relay import PREFACE
 from proxy_support import (HEALTH_SERVING, SidecarThread, fp32_inputs, gate_inputs, health_check, outcome,
                            raw_stream, raw_unary, wait_until)
-from tritonpilot.embedded import EmbeddedTriton
+from tritonpilot.tools.embedded import EmbeddedTriton
 
 pytestmark = pytest.mark.triton
 

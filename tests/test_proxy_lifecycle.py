@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2
 
 from proxy_support import (HEALTH_SERVING, SidecarThread, can_connect, fp32_inputs, gate_inputs, health_check,
                            http_status, outcome, scrape, wait_until)
-from tritonpilot.embedded import EmbeddedTriton
+from tritonpilot.tools.embedded import EmbeddedTriton
 from tritonpilot.ports import free_port
 
 pytestmark = pytest.mark.triton

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from proxy_support import (HEALTH_SERVING, H2GrpcClient, Outcome, SidecarThread, fp32_inputs, gate_inputs,
                            health_check, outcome, raw_unary, wait_until)
-from tritonpilot.embedded import EmbeddedTriton
+from tritonpilot.tools.embedded import EmbeddedTriton
 
 pytestmark = pytest.mark.triton
 

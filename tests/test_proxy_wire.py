@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from proxy import wire
-from proxy.relay import _take_pending
+from tritonpilot.proxy import wire
+from tritonpilot.proxy.relay import _take_pending
 
 
 def infer_request(model: str, request_id: str = "", tensor_bytes: int = 0) -> bytes:

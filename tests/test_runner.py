@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -24,8 +25,8 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # 2 shared cores: Triton and its stubs need them more
 
-from tritonpilot import runner as runner_cli  # noqa: E402
-from tritonpilot.runner import RunnerError, TensorSpec, parse_tensor_spec, write_model_dir  # noqa: E402
+from tritonpilot.tools import runner as runner_cli  # noqa: E402
+from tritonpilot.tools.runner import RunnerError, TensorSpec, parse_tensor_spec, write_model_dir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNNER = runner_cli.load_runner_module()
@@ -119,7 +120,7 @@ def _scripted_linear(path: Path) -> Path:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tritonpilot", "runner", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+        [sys.executable, "-m", "tritonpilot", "runner", *args], capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=120
     )
 
 
@@ -179,7 +180,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     are merged into one execute at once (the batch is full), and a 2-row
     request never waits.
     """
-    embedded = pytest.importorskip("tritonpilot.embedded")
+    embedded = pytest.importorskip("tritonpilot.tools.embedded")
     base = tmp_path_factory.mktemp("runner")
     pt = _scripted_linear(base / "lin.pt")
     repository = base / "repo"
@@ -379,7 +380,7 @@ def test_bad_boolean_fails_the_load_with_tritons_message(served: dict[str, Any])
 @pytest.mark.triton
 def test_example_restoration_cnn_builds_and_serves(served: dict[str, Any]) -> None:
     repository: Path = served["repository"]
-    script = REPO_ROOT / "deploy" / "examples" / "build_restoration_cnn.py"
+    script = REPO_ROOT / "benchmarks" / "build_restoration_cnn.py"
     built = subprocess.run(
         [sys.executable, str(script), "--repository", str(repository), "--name", "cnn"],
         capture_output=True, text=True, timeout=120,

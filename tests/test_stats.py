@@ -1,7 +1,7 @@
 """proxy.stats: the hot-path counters and their snapshots (pure, no I/O)."""
 
-from proxy import stats as stats_mod
-from proxy.stats import UNKNOWN_MODEL, ProxyStats
+from tritonpilot.proxy import stats as stats_mod
+from tritonpilot.proxy.stats import UNKNOWN_MODEL, ProxyStats
 
 
 def test_inflight_integral_peak_and_codes() -> None:

@@ -24,13 +24,12 @@ from typing import Any
 import pytest
 import yaml
 
-from control.policy import parse_policy, resolve
+from tritonpilot.control.policy import parse_policy, resolve
 from tritonpilot import cli
-from tritonpilot import tune as tn
-from tritonpilot.benchlib import LevelResult
+from tritonpilot.tools import tune as tn
+from tritonpilot.tools.benchlib import LevelResult
 from tritonpilot.ports import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "lin"
 ORIGINAL_PARAMETERS = {"INFERENCE_MODE": "false", "INTRA_OP_THREAD_COUNT": "1"}
 SHORT = ["--measurement-interval-ms", "400", "--warmup-s", "0.3"]
@@ -270,8 +269,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     Module-scoped (conftest's triton_factory is per test): every test restores the
     config it found, and checks that it did, so they can share one start-up.
     """
-    from tritonpilot.embedded import EmbeddedTriton
-    from tritonpilot.runner import TensorSpec, write_model_dir
+    from tritonpilot.tools.embedded import EmbeddedTriton
+    from tritonpilot.tools.runner import TensorSpec, write_model_dir
 
     base = tmp_path_factory.mktemp("tune")
     torch.manual_seed(0)
@@ -400,7 +399,7 @@ def test_ctrl_c_stops_the_run_and_restores_the_config(served: dict[str, Any], tm
         [sys.executable, "-m", "tritonpilot", "tune", "--triton", served["triton"].grpc_url, "--model", MODEL,
          "--profiles", "field-report", "--instances", "1,2", "--concurrency-range", "1:4",
          "--measurement-interval-ms", "5000", "--warmup-s", "0.3", "--out", str(out)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         # Interrupt once the first reload shows in Triton's config: tune is measuring then.

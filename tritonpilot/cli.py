@@ -13,13 +13,13 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("tritonpilot.serve", "run the sidecar: gRPC proxy, metrics and controller"),
-    "check": ("tritonpilot.check", "validate a policy file and print the resolved policy per model"),
-    "triton": ("tritonpilot.embedded", "run the real tritonserver from the nvidia-pytriton wheel"),
-    "bench": ("tritonpilot.bench", "perf_analyzer-style load generator, with side-by-side --compare"),
-    "runner": ("tritonpilot.runner", "write a Triton model directory that serves a TorchScript file"),
-    "tune": ("tritonpilot.tune", "measure flag profiles x instance counts x concurrency on a live Triton"),
-    "demo": ("tritonpilot.demo", "embedded Triton + sidecar + a load ramp, printed as a timeline"),
+    "serve": ("tritonpilot.sidecar.serve", "run the sidecar: gRPC proxy, metrics and controller"),
+    "check": ("tritonpilot.sidecar.check", "validate a policy file and print the resolved policy per model"),
+    "triton": ("tritonpilot.tools.embedded", "run the real tritonserver from the nvidia-pytriton wheel"),
+    "bench": ("tritonpilot.tools.bench", "perf_analyzer-style load generator, with side-by-side --compare"),
+    "runner": ("tritonpilot.tools.runner", "write a Triton model directory that serves a TorchScript file"),
+    "tune": ("tritonpilot.tools.tune", "measure flag profiles x instance counts x concurrency on a live Triton"),
+    "demo": ("tritonpilot.tools.demo", "embedded Triton + sidecar + a load ramp, printed as a timeline"),
 }
 
 

@@ -1,6 +1,6 @@
 """The controller benchmark (issue 3): open-loop low -> high -> low on the 20 ms model, three ways.
 
-Each run gets a fresh embedded Triton with the `sleep` model (tests/models/sleep: 20 ms
+Each run gets a fresh embedded Triton with the `sleep` model (deploy/demo_models/sleep: 20 ms
 per request, ~50/s per instance) and a `tritonpilot serve` process in front of it; the
 load goes through that proxy, open loop with constant spacing (benchlib, as
 perf_analyzer does by default):
@@ -42,14 +42,14 @@ from typing import Any
 import yaml
 from tritonclient.grpc.aio import InferenceServerClient
 
-from control.overrides import build_override, matches, read_state
-from control.policy import BUILTIN_PROFILES, parse_policy, resolve
-from tritonpilot import benchlib
-from tritonpilot.benchlib import LevelResult
+from tritonpilot.control.overrides import build_override, matches, read_state
+from tritonpilot.control.policy import BUILTIN_PROFILES, parse_policy, resolve
+from tritonpilot.tools import benchlib
+from tritonpilot.tools.benchlib import LevelResult
 from tritonpilot.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = ROOT / "tests" / "models"
+MODELS_DIR = ROOT / "deploy" / "demo_models"
 MODEL = "sleep"
 MODES = ("controller", "static-1", "static-max")
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -486,7 +486,7 @@ async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
 
 
 async def run_one(mode: str, settings: Settings, workdir: Path, log: Any, debug_logs: bool = False) -> RunReport:
-    from tritonpilot.embedded import EmbeddedTriton
+    from tritonpilot.tools.embedded import EmbeddedTriton
 
     triton = EmbeddedTriton(MODELS_DIR, load_models=[MODEL], log_path=workdir / f"triton-{mode}.log",
                             startup_timeout_s=180.0)

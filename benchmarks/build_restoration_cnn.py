@@ -1,7 +1,7 @@
 """Build a small image-restoration CNN, like the field report's license-plate
 restoration model, and write its Triton model directory with the TorchScript runner.
 
-    python deploy/examples/build_restoration_cnn.py --repository DIR \
+    python benchmarks/build_restoration_cnn.py --repository DIR \
         [--name license_plate_restoration] [--instances 1] [--parameter KEY=VALUE ...]
 
 The network is a conv encoder/decoder with a residual output: 1x3x128x128 in,
@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-from tritonpilot.runner import (  # noqa: E402
+from tritonpilot.tools.runner import (  # noqa: E402
     EXIT_USAGE,
     RunnerError,
     TensorSpec,

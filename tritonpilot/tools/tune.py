@@ -52,10 +52,10 @@ from typing import Any, TextIO
 
 import yaml
 
-from control.policy import (BOOLEAN_FLAGS, GENERATION_PARAMETER, KNOWN_FLAGS, THREAD_COUNT_FLAGS, PolicyError,
+from tritonpilot.control.policy import (BOOLEAN_FLAGS, GENERATION_PARAMETER, KNOWN_FLAGS, THREAD_COUNT_FLAGS, PolicyError,
                             parse_flag_bool, parse_flag_int, parse_policy, policy_warnings)
-from tritonpilot.bench import detail_table, parse_range, perf_analyzer_summary, text_table
-from tritonpilot.benchlib import BenchError, LevelResult
+from tritonpilot.tools.bench import detail_table, parse_range, perf_analyzer_summary, text_table
+from tritonpilot.tools.benchlib import BenchError, LevelResult
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FIELD_REPORT = "field-report"
@@ -270,7 +270,7 @@ def combine_rounds(combinations: Sequence[Combination],
     """One result per combination (plan order) from its rounds: per concurrency level the
     median of the rounds' rates and latencies (benchlib.combine_windows), the median
     reload time; "ok" only if every round was, else the first other status and error."""
-    from tritonpilot.benchlib import combine_windows
+    from tritonpilot.tools.benchlib import combine_windows
 
     out = []
     for c in combinations:
@@ -696,8 +696,8 @@ class Ui:
 
 async def _preflight(client: Any, opts: TuneOptions) -> tuple[Any, dict[str, Any]]:
     """Inputs for the bench and the original config; TuneError when the model can't be tuned."""
-    from control.triton import TritonError, TritonUnavailable
-    from tritonpilot import benchlib
+    from tritonpilot.control.triton import TritonError, TritonUnavailable
+    from tritonpilot.tools import benchlib
 
     try:
         inputs = await benchlib.prepare_inputs(opts.url, opts.model, batch_size=opts.batch_size, timeout_s=10.0)
@@ -716,7 +716,7 @@ async def _preflight(client: Any, opts: TuneOptions) -> tuple[Any, dict[str, Any
 
 
 async def _reload(actuator: Any, opts: TuneOptions, combination: Combination) -> Any:
-    from control.actuator import ReloadRequest
+    from tritonpilot.control.actuator import ReloadRequest
 
     request = ReloadRequest(model=opts.model, instances=combination.instances, profile=combination.profile.name,
                             parameters=dict(combination.profile.parameters), managed_keys=opts.managed_keys,
@@ -731,7 +731,7 @@ async def _reload(actuator: Any, opts: TuneOptions, combination: Combination) ->
 
 
 async def _measure_all(opts: TuneOptions, inputs: Any, actuator: Any, session: Session, ui: Ui) -> None:
-    from tritonpilot import benchlib
+    from tritonpilot.tools import benchlib
 
     order = plan_rounds(opts.combinations, opts.rounds)
     for i, (round_, combination) in enumerate(order, 1):
@@ -779,8 +779,8 @@ def _combination_report(result: CombinationResult, round_: int | None = None) ->
 
 async def _restore(client: Any, opts: TuneOptions, original: Mapping[str, Any]) -> str | None:
     """Load the original config back and check Triton shows it; the error text, or None."""
-    from control.overrides import instance_count, string_parameters
-    from control.triton import TritonError
+    from tritonpilot.control.overrides import instance_count, string_parameters
+    from tritonpilot.control.triton import TritonError
 
     try:
         await client.load(opts.model, dict(original), opts.reload_timeout_s)
@@ -819,8 +819,8 @@ def _interrupts(loop: asyncio.AbstractEventLoop, work: asyncio.Task, session: Se
 
 async def tune(opts: TuneOptions, ui: Ui, session: Session) -> None:
     """Measure every combination into `session`, then restore. TuneError before any change."""
-    from control.actuator import Actuator
-    from control.triton import TritonClient
+    from tritonpilot.control.actuator import Actuator
+    from tritonpilot.control.triton import TritonClient
 
     client = TritonClient(opts.url, rpc_timeout_s=10.0)
     # No backoff: each combination is tried once anyway.

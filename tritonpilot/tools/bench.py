@@ -1,6 +1,6 @@
 """`tritonpilot bench`: a perf_analyzer-style load generator, with side-by-side --compare.
 
-The engine lives in tritonpilot.benchlib (used by tune, demo and the controller
+The engine lives in tritonpilot.tools.benchlib (used by tune, demo and the controller
 benchmark too); this module is the command line and the report.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from tritonpilot import benchlib
-from tritonpilot.benchlib import BenchError, ConcurrencyLoad, LevelResult, Load, RateLoad
+from tritonpilot.tools import benchlib
+from tritonpilot.tools.benchlib import BenchError, ConcurrencyLoad, LevelResult, Load, RateLoad
 
 DEFAULT_LABELS = ("direct", "proxied")
 

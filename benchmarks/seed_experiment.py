@@ -2,7 +2,7 @@
 `tritonpilot tune` on the example restoration CNN, written up as docs/seed-experiment.md.
 
     bash scripts/seed-experiment                  # build, serve, tune, write the doc (about 8 min)
-    python deploy/examples/seed_experiment.py --render-only DIR   # rewrite the doc from a kept run
+    python benchmarks/seed_experiment.py --render-only DIR   # rewrite the doc from a kept run
 
 Steps: build the CNN's model directory with the TorchScript runner (its config sets
 no flags, one instance), start the embedded Triton (explicit model control) on free
@@ -35,8 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DOC = REPO_ROOT / "docs" / "seed-experiment.md"
@@ -140,7 +139,7 @@ def run_experiment(work: Path, settings: dict[str, Any]) -> int:
     import tritonclient.grpc as grpcclient
 
     from tritonpilot import cli
-    from tritonpilot.embedded import EmbeddedTriton
+    from tritonpilot.tools.embedded import EmbeddedTriton
 
     repository = work / "repo"
     model_dir = cnn.build(repository)
@@ -303,7 +302,7 @@ def render(tune_dir: Path, doc: Path) -> None:
     w("")
     w("## Setup")
     w("")
-    w(f"- Model: `{run['model']}`, the example restoration CNN (`deploy/examples/build_restoration_cnn.py`): "
+    w(f"- Model: `{run['model']}`, the example restoration CNN (`benchmarks/build_restoration_cnn.py`): "
       "conv encoder/decoder, 1x3x128x128 in and out, random weights, `torch.jit.script`, "
       "served by the runner; its config.pbtxt sets no flags and one KIND_CPU instance"
       + (f" ({ms(c1['p50_us'])} ms p50 per request at concurrency 1, defaults)." if c1 and c1["p50_us"] else "."))

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-RUNNER_SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "torchscript_runner" / "model.py"
+from tritonpilot import resources
+
+# Inside the installed package (tritonpilot/deploy/torchscript_runner/model.py), a plain folder.
+with resources.deploy_path(resources.RUNNER_MODEL) as _runner:
+    RUNNER_SOURCE = _runner
 VERSION = "1"
 # Numeric types only: the runner hands tensors to torch (TYPE_STRING is libtorch's List[str]).
 DTYPES = ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64")
@@ -87,10 +91,14 @@ def load_runner_module() -> ModuleType:
 
 def check_parameters(parameters: Mapping[str, str]) -> list[str]:
     """Raise RunnerError for a value the backend would refuse; return warnings
-    for keys that do nothing."""
+    for keys that do nothing, or that could not be checked here."""
     if not parameters:
         return []
-    runner = load_runner_module()
+    try:
+        runner = load_runner_module()
+    except ModuleNotFoundError as exc:  # torch: the runner's parsing lives beside its torch code
+        return [f"parameters not checked here: {exc.name} is missing; pip install 'tritonpilot[runner]' "
+                "(the Python that Triton runs the model with needs torch too)"]
     # The keys the runner reads are the libtorch backend's (src/pt/model_state.cc), plus its own.
     known = {*runner.BOOL_KEYS, *runner.INT_KEYS, runner.REPORT_KEY}
     warnings = []
@@ -171,7 +179,7 @@ def _validate(
     if dynamic_batching and max_batch_size == 0:
         raise RunnerError("--dynamic-batching needs --max-batch-size > 0")
     if not RUNNER_SOURCE.is_file():
-        raise RunnerError(f"runner source missing: {RUNNER_SOURCE} (run from a tritonpilot checkout)")
+        raise RunnerError(f"runner source missing from the installed package: {RUNNER_SOURCE} (reinstall tritonpilot)")
 
 
 def write_model_dir(

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import TextIO
 
-from control.policy import (Policy, PolicyError, ResolvedModelPolicy, load_policy, policy_warnings,
+from tritonpilot.control.policy import (Policy, PolicyError, ResolvedModelPolicy, load_policy, policy_warnings,
                             resolve)
 
 

@@ -22,52 +22,18 @@ import structlog
 import uvloop
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from proxy.gpu import GpuSampler, TritonMetricsGpuSource, NullGpuSampler, make_gpu_sampler
-from proxy.http import MetricsServer
-from proxy.metrics import ProxyCollector, new_registry
-from proxy.relay import Relay, RelayOptions
-from proxy.stats import ProxyStats
+from tritonpilot.proxy.gpu import GpuSampler, TritonMetricsGpuSource, NullGpuSampler, make_gpu_sampler
+from tritonpilot.proxy.http import MetricsServer
+from tritonpilot.proxy.metrics import ProxyCollector, new_registry
+from tritonpilot.proxy.relay import Relay, RelayOptions
+from tritonpilot.proxy.stats import ProxyStats
 from tritonpilot.logs import configure_logging
+from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig, parse_host_port
 
 log = structlog.get_logger(__name__)
 
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
                      ("grpc.max_reconnect_backoff_ms", 2000)]
-
-
-def parse_host_port(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{what}: got {value!r}; expected HOST:PORT with a port in 0..65535")
-    return host.strip("[]"), int(port)
-
-
-@dataclass(frozen=True)
-class SidecarConfig:
-    triton: str = "127.0.0.1:8001"
-    listen: str = "0.0.0.0:8101"
-    metrics_listen: str = "127.0.0.1:9101"
-    triton_metrics_url: str | None = None
-    allow_client_model_control: bool = False
-    max_message_bytes: int | None = None
-    grace_period_s: float = 30.0
-    connect_timeout_s: float = 1.0
-    tcp_keepalive_s: float | None = 60.0
-    gpu_interval_s: float = 1.0
-    log_format: str = "console"
-    log_level: str = "INFO"
-
-
-class Controller(Protocol):
-    """What the sidecar needs of the control plane (control/ provides it)."""
-
-    async def run(self) -> None: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-
-# (stats, gpu sampler, registry) -> a controller, or None when there is nothing to control.
-ControllerFactory = Callable[[ProxyStats, GpuSampler, Any], Controller | None]
 
 
 class Sidecar:
@@ -185,8 +151,8 @@ def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarCo
 def run(args: argparse.Namespace) -> int:
     base, policy = SidecarConfig(), None
     if args.policy:
-        from control.policy import PolicyError  # the composition root may know both planes
-        from tritonpilot.wiring import sidecar_config_from_policy
+        from tritonpilot.control.policy import PolicyError  # the composition root may know both planes
+        from tritonpilot.sidecar.wiring import sidecar_config_from_policy
         try:
             base, policy = sidecar_config_from_policy(args.policy)
         except PolicyError as exc:
@@ -199,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     factory: ControllerFactory | None = None
     if policy is not None:
-        from tritonpilot.wiring import controller_factory_from_policy
+        from tritonpilot.sidecar.wiring import controller_factory_from_policy
         factory = controller_factory_from_policy(policy, triton_url=config.triton)
     configure_logging(config.log_format, config.log_level)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from tritonpilot.embedded import EmbeddedTriton
+from tritonpilot.tools.embedded import EmbeddedTriton
 from tritonpilot.ports import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- proxy-benchmark:begin -->", "<!-- proxy-benchmark:end -->"
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from control.actuator import Actuator
-from control.loop import Controller, LiveSources
-from control.policy import Policy, load_policy, policy_warnings, resolve
-from control.triton import TritonClient
-from tritonpilot.serve import ControllerFactory, SidecarConfig
+from tritonpilot.control.actuator import Actuator
+from tritonpilot.control.loop import Controller, LiveSources
+from tritonpilot.control.policy import Policy, load_policy, policy_warnings, resolve
+from tritonpilot.control.triton import TritonClient
+from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig
 
 
 def sidecar_config(policy: Policy) -> SidecarConfig:
@@ -42,7 +42,7 @@ def controller_factory_from_policy(policy: Policy, triton_url: str | None = None
     def factory(stats, gpu_sampler, registry) -> Controller | None:
         import structlog
 
-        log = structlog.get_logger("tritonpilot.wiring")
+        log = structlog.get_logger("tritonpilot.sidecar.wiring")
         for warning in policy_warnings(policy):
             log.warning("policy.warning", warning=warning)
         policies = resolve(policy)

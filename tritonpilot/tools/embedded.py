@@ -3,7 +3,7 @@
 For the tests, the demo and `tritonpilot triton`. The wheel ships Triton 2.51
 with its Python backend, but that backend needs the stub built for the running
 Python beside `libtriton_python.so`, so a small writable backend tree is built
-once per wheel and Python version in a cache dir (../shared/notes/triton-facts.md).
+once per wheel and Python version in a cache dir (docs/triton-notes.md).
 
 Triton runs in its own process group (with the Python-backend stub processes
 it forks), so stopping it means stopping the group: nothing is left behind.

@@ -24,13 +24,12 @@ from pathlib import Path
 import tritonclient.grpc.aio as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tritonpilot.bench import Endpoint, EndpointResults, print_report
-from tritonpilot.benchlib import ConcurrencyLoad, make_callers, measure_alternating, prepare_inputs
-from tritonpilot.embedded import EmbeddedTriton
+from tritonpilot.tools.bench import Endpoint, EndpointResults, print_report
+from tritonpilot.tools.benchlib import ConcurrencyLoad, make_callers, measure_alternating, prepare_inputs
+from tritonpilot.tools.embedded import EmbeddedTriton
+from tritonpilot import resources
 from tritonpilot.ports import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODELS = REPO_ROOT / "tests" / "models"  # the Python-backend models the tests use too
 CONTROLLED, UNCONTROLLED = "sleep", "fast"
 
 POLICY = """\
@@ -60,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tritonpilot-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"# tritonpilot demo (logs in {workdir})\n", flush=True)
-    with EmbeddedTriton(MODELS, load_models=[CONTROLLED, UNCONTROLLED], log_path=workdir / "triton.log") as triton:
+    # The demo's Python-backend models ship in the wheel (the tests use them too).
+    with resources.deploy_path(resources.DEMO_MODELS) as models, \
+            EmbeddedTriton(models, load_models=[CONTROLLED, UNCONTROLLED], log_path=workdir / "triton.log") as triton:
         listen, metrics = free_port(), free_port()
         policy = workdir / "policy.yaml"
         policy.write_text(POLICY.format(triton=triton.grpc_url, listen=listen, metrics=metrics,

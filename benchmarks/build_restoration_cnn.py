@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 from tritonpilot.tools.runner import (  # noqa: E402
     EXIT_USAGE,
     RunnerError,

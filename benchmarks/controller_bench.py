@@ -44,9 +44,9 @@ from tritonclient.grpc.aio import InferenceServerClient
 
 from tritonpilot.control.overrides import build_override, matches, read_state
 from tritonpilot.control.policy import BUILTIN_PROFILES, parse_policy, resolve
+from tritonpilot.ports import free_port
 from tritonpilot.tools import benchlib
 from tritonpilot.tools.benchlib import LevelResult
-from tritonpilot.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "deploy" / "demo_models"
@@ -660,7 +660,7 @@ def run(args: argparse.Namespace) -> int:
     shown = _reproducible_args(sys.argv[1:])
     command = "bash scripts/bench-controller" + (" " + " ".join(shown) if shown else "")
     meta: dict[str, Any] = {"command": command, "machine": machine(),
-                            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                             "load_average_at_start": os.getloadavg()}
 
     async def main() -> dict[str, RunReport]:

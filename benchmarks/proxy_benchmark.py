@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from tritonpilot.tools.embedded import EmbeddedTriton
 from tritonpilot.ports import free_port
+from tritonpilot.tools.embedded import EmbeddedTriton
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- proxy-benchmark:begin -->", "<!-- proxy-benchmark:end -->"

@@ -157,7 +157,7 @@ def run_experiment(work: Path, settings: dict[str, Any]) -> int:
         print("tritonpilot " + shlex.join(argv), file=sys.stderr, flush=True)
         code = cli.main(argv)
     run = {
-        "date_utc": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}",
+        "date_utc": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M}",
         "duration_s": round(time.monotonic() - started, 1),
         "exit_code": code,
         "command": "tritonpilot " + shlex.join(tune_argv("HOST:PORT", cnn.DEFAULT_NAME, Path("DIR"), settings)),

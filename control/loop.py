@@ -22,8 +22,17 @@ from tritonpilot.control.actuator import CONFIG_FAILURES, ReloadRequest, ReloadR
 from tritonpilot.control.decide import Decision, State, decide, observe_reload
 from tritonpilot.control.overrides import read_state
 from tritonpilot.control.policy import ResolvedModelPolicy
-from tritonpilot.control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
-                             TritonSample, inflight_sample, triton_sample)
+from tritonpilot.control.signals import (
+    GpuSample,
+    InflightSample,
+    LiveConfig,
+    ReloadRecord,
+    Signals,
+    TritonCounters,
+    TritonSample,
+    inflight_sample,
+    triton_sample,
+)
 from tritonpilot.control.triton import StatsSample, TritonError
 from tritonpilot.proxy.gpu import GpuSnapshot
 from tritonpilot.proxy.stats import ProxySnapshot

@@ -295,7 +295,7 @@ class TritonMetricsGpuSource:
                 response.raise_for_status()
                 text = await response.text()
             snapshot = parse_triton_gpu_metrics(text, self._clock())
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             # ValueError: text that is not Prometheus exposition format.
             kind = _error_kind(exc)
             self._errors.failed(kind)

@@ -87,7 +87,7 @@ class MetricsServer:
     async def _check_ready(self) -> tuple[bool, str]:
         try:
             return await asyncio.wait_for(self._ready_check(), self._ready_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False, f"ready check did not answer within {self._ready_timeout_s} s"
         except Exception as exc:  # noqa: BLE001 - a failing check means "not ready", not a 500
             _log.warning("ready_check_failed", error=f"{type(exc).__name__}: {exc}")

@@ -19,9 +19,15 @@ import h2.exceptions
 import structlog
 
 from tritonpilot.proxy import wire
-from tritonpilot.proxy.wire import (GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED, HEALTH_CHECK, MODEL_INFER, MODEL_STREAM_INFER,
-                         grpc_status_headers)
 from tritonpilot.proxy.stats import UNKNOWN_MODEL, ProxyStats
+from tritonpilot.proxy.wire import (
+    GRPC_UNAVAILABLE,
+    GRPC_UNIMPLEMENTED,
+    HEALTH_CHECK,
+    MODEL_INFER,
+    MODEL_STREAM_INFER,
+    grpc_status_headers,
+)
 
 log = structlog.get_logger(__name__)
 

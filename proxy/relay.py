@@ -38,11 +38,23 @@ import hpack
 import structlog
 
 from tritonpilot.proxy import wire
-from tritonpilot.proxy.wire import (GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_OK, GRPC_PERMISSION_DENIED,
-                                     GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED, GRPC_UNKNOWN,
-                                     HEALTH_CHECK, HEALTH_WATCH, MODEL_CONTROL, MODEL_INFER, MODEL_STREAM_INFER,
-                                     SERVICE, grpc_status_headers)
 from tritonpilot.proxy.stats import UNKNOWN_MODEL, ModelStats, ProxyStats
+from tritonpilot.proxy.wire import (
+    GRPC_CANCELLED,
+    GRPC_DEADLINE_EXCEEDED,
+    GRPC_OK,
+    GRPC_PERMISSION_DENIED,
+    GRPC_RESOURCE_EXHAUSTED,
+    GRPC_UNAVAILABLE,
+    GRPC_UNIMPLEMENTED,
+    GRPC_UNKNOWN,
+    HEALTH_CHECK,
+    HEALTH_WATCH,
+    MODEL_CONTROL,
+    MODEL_INFER,
+    MODEL_STREAM_INFER,
+    grpc_status_headers,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -750,7 +762,7 @@ class Relay:
                 loop.create_connection(lambda: _UpstreamProtocol(pair), self.options.upstream_host,
                                        self.options.upstream_port),
                 self.options.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             if pair.closed:
                 return
             reason = f"tritonpilot: Triton at {self.options.upstream_host}:{self.options.upstream_port} " \
@@ -778,7 +790,7 @@ class Relay:
         if pending:
             try:
                 await asyncio.wait_for(asyncio.gather(*pending), grace_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("relay.shutdown_grace_expired",
                             open_streams=sum(len(p.streams) for p in self.pairs))
         for pair in list(self.pairs):

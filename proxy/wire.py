@@ -10,8 +10,8 @@ before any tensor data. Parsers here never raise on garbage: they return None.
 from __future__ import annotations
 
 import zlib
-from urllib.parse import quote
 from collections.abc import Callable
+from urllib.parse import quote
 
 # The RPCs the relay tells apart, by :path, and the gRPC status codes it answers with.
 SERVICE = b"/inference.GRPCInferenceService/"

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import structlog
 
-from tritonpilot.tools.embedded import EmbeddedTriton
 from tritonpilot.ports import free_port as _free_port
+from tritonpilot.tools.embedded import EmbeddedTriton
 
 MODELS_DIR = Path(__file__).parent / "models"
 # Seven Python-backend models take 3-15 s to load here; leave room for a busy machine.

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from tritonpilot import cli
+from tritonpilot.ports import free_port
 from tritonpilot.tools import bench, benchlib
 from tritonpilot.tools.benchlib import BenchError, LevelResult, RateLoad
-from tritonpilot.ports import free_port
 
 MS = 1_000_000  # ns
 

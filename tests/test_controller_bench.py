@@ -7,12 +7,26 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from controller_bench import (
+    BEGIN,
+    END,
+    ConfigSample,
+    RunReport,
+    Settings,
+    config_timeline,
+    configure,
+    judge,
+    mean_instances,
+    phase_reports,
+    reconfigurations,
+    render_block,
+    replace_block,
+    results_summary,
+    settings_from_args,
+    step_times,
+)
 
 from tritonpilot.tools.benchlib import LevelResult
-from controller_bench import (BEGIN, END, ConfigSample, RunReport, Settings, config_timeline,
-                                          configure, judge, mean_instances, phase_reports, reconfigurations,
-                                          render_block, replace_block, results_summary, settings_from_args,
-                                          step_times)
 
 SETTINGS = Settings(phase_s=60.0, transition_s=10.0)
 

@@ -27,15 +27,15 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import uvloop
+from proxy_support import WAIT_S, scrape, wait_until
 
 from tritonpilot.control.actuator import Actuator
 from tritonpilot.control.loop import Controller, LiveSources
 from tritonpilot.control.overrides import read_state
 from tritonpilot.control.policy import PolicyError, Profile, ResolvedModelPolicy, parse_policy
 from tritonpilot.control.triton import TritonClient
-from proxy_support import WAIT_S, scrape, wait_until
-from tritonpilot.tools.embedded import EmbeddedTriton
 from tritonpilot.sidecar.serve import Sidecar, SidecarConfig
+from tritonpilot.tools.embedded import EmbeddedTriton
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 

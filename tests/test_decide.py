@@ -14,8 +14,16 @@ from hypothesis import strategies as st
 
 from tritonpilot.control.decide import Action, Decision, Reason, State, decide, observe_reload
 from tritonpilot.control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy
-from tritonpilot.control.signals import (GpuSample, InflightSample, LiveConfig, ReloadRecord, Signals, TritonCounters,
-                             inflight_sample, triton_sample)
+from tritonpilot.control.signals import (
+    GpuSample,
+    InflightSample,
+    LiveConfig,
+    ReloadRecord,
+    Signals,
+    TritonCounters,
+    inflight_sample,
+    triton_sample,
+)
 from tritonpilot.proxy.stats import ModelStats
 
 GIB = 1 << 30

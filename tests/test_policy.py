@@ -9,9 +9,19 @@ from textwrap import dedent
 import pytest
 import yaml
 
-from tritonpilot.control.policy import (BUILTIN_PROFILES, ModelOverride, ModelSettings, PolicyError, load_policy,
-                            parse_flag_bool, parse_flag_int, parse_policy, policy_warnings, resolve)
 from tritonpilot.cli import main
+from tritonpilot.control.policy import (
+    BUILTIN_PROFILES,
+    ModelOverride,
+    ModelSettings,
+    PolicyError,
+    load_policy,
+    parse_flag_bool,
+    parse_flag_int,
+    parse_policy,
+    policy_warnings,
+    resolve,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "policy.example.yaml"
 

@@ -15,12 +15,21 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from proxy_support import (
+    HEALTH_SERVING,
+    SidecarThread,
+    fp32_inputs,
+    gate_inputs,
+    health_check,
+    outcome,
+    raw_stream,
+    raw_unary,
+    wait_until,
+)
 from structlog.testing import capture_logs
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tritonpilot.proxy.relay import PREFACE
-from proxy_support import (HEALTH_SERVING, SidecarThread, fp32_inputs, gate_inputs, health_check, outcome,
-                           raw_stream, raw_unary, wait_until)
 from tritonpilot.tools.embedded import EmbeddedTriton
 
 pytestmark = pytest.mark.triton
@@ -289,7 +298,7 @@ def read_until_closed(sock: socket.socket, timeout_s: float = 15.0) -> bytes:
             chunk = sock.recv(65536)
         except ConnectionResetError:
             return received
-        except socket.timeout:
+        except TimeoutError:
             break
         if not chunk:
             return received

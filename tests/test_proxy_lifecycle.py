@@ -16,12 +16,22 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from proxy_support import (
+    HEALTH_SERVING,
+    SidecarThread,
+    can_connect,
+    fp32_inputs,
+    gate_inputs,
+    health_check,
+    http_status,
+    outcome,
+    scrape,
+    wait_until,
+)
 from tritonclient.grpc import service_pb2
 
-from proxy_support import (HEALTH_SERVING, SidecarThread, can_connect, fp32_inputs, gate_inputs, health_check,
-                           http_status, outcome, scrape, wait_until)
-from tritonpilot.tools.embedded import EmbeddedTriton
 from tritonpilot.ports import free_port
+from tritonpilot.tools.embedded import EmbeddedTriton
 
 pytestmark = pytest.mark.triton
 

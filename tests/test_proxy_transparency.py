@@ -15,10 +15,20 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from google.protobuf import json_format
+from proxy_support import (
+    HEALTH_SERVING,
+    H2GrpcClient,
+    Outcome,
+    SidecarThread,
+    fp32_inputs,
+    gate_inputs,
+    health_check,
+    outcome,
+    raw_unary,
+    wait_until,
+)
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from proxy_support import (HEALTH_SERVING, H2GrpcClient, Outcome, SidecarThread, fp32_inputs, gate_inputs,
-                           health_check, outcome, raw_unary, wait_until)
 from tritonpilot.tools.embedded import EmbeddedTriton
 
 pytestmark = pytest.mark.triton

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tritonpilot.control.policy import parse_policy, resolve
 from tritonpilot import cli
+from tritonpilot.control.policy import parse_policy, resolve
+from tritonpilot.ports import free_port
 from tritonpilot.tools import tune as tn
 from tritonpilot.tools.benchlib import LevelResult
-from tritonpilot.ports import free_port
 
 MODEL = "lin"
 ORIGINAL_PARAMETERS = {"INFERENCE_MODE": "false", "INTRA_OP_THREAD_COUNT": "1"}

@@ -42,8 +42,9 @@ import json
 import os
 import string
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

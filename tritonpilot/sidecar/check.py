@@ -10,8 +10,7 @@ import argparse
 import sys
 from typing import TextIO
 
-from tritonpilot.control.policy import (Policy, PolicyError, ResolvedModelPolicy, load_policy, policy_warnings,
-                            resolve)
+from tritonpilot.control.policy import Policy, PolicyError, ResolvedModelPolicy, load_policy, policy_warnings, resolve
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

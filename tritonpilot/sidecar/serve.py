@@ -13,21 +13,20 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
 import grpc
 import structlog
 import uvloop
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tritonpilot.proxy.gpu import GpuSampler, TritonMetricsGpuSource, NullGpuSampler, make_gpu_sampler
+from tritonpilot.logs import configure_logging
+from tritonpilot.proxy.gpu import GpuSampler, NullGpuSampler, TritonMetricsGpuSource, make_gpu_sampler
 from tritonpilot.proxy.http import MetricsServer
 from tritonpilot.proxy.metrics import ProxyCollector, new_registry
 from tritonpilot.proxy.relay import Relay, RelayOptions
 from tritonpilot.proxy.stats import ProxyStats
-from tritonpilot.logs import configure_logging
 from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig, parse_host_port
 
 log = structlog.get_logger(__name__)

@@ -24,11 +24,11 @@ from pathlib import Path
 import tritonclient.grpc.aio as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
+from tritonpilot import resources
+from tritonpilot.ports import free_port
 from tritonpilot.tools.bench import Endpoint, EndpointResults, print_report
 from tritonpilot.tools.benchlib import ConcurrencyLoad, make_callers, measure_alternating, prepare_inputs
 from tritonpilot.tools.embedded import EmbeddedTriton
-from tritonpilot import resources
-from tritonpilot.ports import free_port
 
 CONTROLLED, UNCONTROLLED = "sleep", "fast"
 

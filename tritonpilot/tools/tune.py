@@ -52,8 +52,17 @@ from typing import Any, TextIO
 
 import yaml
 
-from tritonpilot.control.policy import (BOOLEAN_FLAGS, GENERATION_PARAMETER, KNOWN_FLAGS, THREAD_COUNT_FLAGS, PolicyError,
-                            parse_flag_bool, parse_flag_int, parse_policy, policy_warnings)
+from tritonpilot.control.policy import (
+    BOOLEAN_FLAGS,
+    GENERATION_PARAMETER,
+    KNOWN_FLAGS,
+    THREAD_COUNT_FLAGS,
+    PolicyError,
+    parse_flag_bool,
+    parse_flag_int,
+    parse_policy,
+    policy_warnings,
+)
 from tritonpilot.tools.bench import detail_table, parse_range, perf_analyzer_summary, text_table
 from tritonpilot.tools.benchlib import BenchError, LevelResult
 
@@ -660,8 +669,14 @@ class Ui:
 
     def __init__(self, total_s: float, out: TextIO | None = None) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._out = out if out is not None else sys.stdout  # read now: tests swap sys.stdout
         self.console = Console(stderr=True, highlight=False)
@@ -871,7 +886,7 @@ def _write_outputs(opts: TuneOptions, session: Session) -> tuple[Recommendation 
             problems.append(rec.reason)
         else:
             header = [f"Recommended by `tritonpilot tune` for model {opts.model} at {opts.url}, "
-                      f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+                      f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.",
                       "From results.csv beside this file; best throughput "
                       + ("without a p95 bound" if opts.max_p95_us is None
                          else f"within p95 <= {opts.max_p95_us / 1000:g} ms") + ", errors excluded.",
@@ -890,7 +905,7 @@ def summary_markdown(opts: TuneOptions, session: Session, rec: Recommendation | 
     lines = [
         f"# tritonpilot tune: {opts.model}",
         "",
-        f"- Triton: {opts.url}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Triton: {opts.url}; {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         f"- profiles: {opts.profiles_source}; instances: {', '.join(map(str, opts.counts))}; "
         f"concurrency: {', '.join(map(str, opts.concurrency))}",
         f"- each level: {opts.warmup_s:g} s warm-up, then {opts.windows} x {opts.window_s:g} s "

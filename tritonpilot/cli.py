@@ -2,7 +2,8 @@
 
 Each module named in COMMANDS exposes `configure(parser)` and `run(args) -> int`.
 Modules are imported only when their subcommand runs, so `tritonpilot check`
-never pays for grpc or torch.
+never pays for grpc or torch. Exit statuses are tritonpilot.exits's, everywhere:
+0 ok, 1 runtime failure, 2 usage error or invalid policy, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from tritonpilot import __version__, exits
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(selected: str | None) -> argparse.ArgumentParser:
     """Every subcommand is listed; only the selected one imports its module for its options."""
     parser = argparse.ArgumentParser(prog="tritonpilot", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return exits.INTERRUPTED
 
 
 if __name__ == "__main__":

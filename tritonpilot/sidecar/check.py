@@ -1,6 +1,7 @@
 """`tritonpilot check FILE`: validate a policy file and print what it resolves to per model.
 
-Exit status: 0 valid (warnings are printed but do not fail, unless --strict), 1 invalid.
+Exit status: 0 valid (warnings are printed but do not fail, unless --strict), 2 invalid
+(a usage error or an invalid policy, as everywhere in tritonpilot).
 The resolved policy goes to stdout; warnings and errors to stderr.
 """
 
@@ -10,12 +11,13 @@ import argparse
 import sys
 from typing import TextIO
 
+from tritonpilot import exits
 from tritonpilot.control.policy import Policy, PolicyError, ResolvedModelPolicy, load_policy, policy_warnings, resolve
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="the policy YAML")
-    parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    parser.add_argument("--strict", action="store_true", help="exit 2 on warnings too")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,14 +27,14 @@ def run(args: argparse.Namespace) -> int:
         count = len(exc.problems)
         print(f"{args.file}: invalid policy, {count} problem{'s' if count != 1 else ''}:", file=sys.stderr)
         print(exc, file=sys.stderr)
-        return 1
+        return exits.USAGE
     print_policy(policy, args.file, sys.stdout)
     warnings = policy_warnings(policy)
     if warnings:
         print(f"{args.file}: {len(warnings)} warning{'s' if len(warnings) != 1 else ''}:", file=sys.stderr)
         for warning in warnings:
             print(f"  - {warning}", file=sys.stderr)
-    return 1 if warnings and args.strict else 0
+    return exits.USAGE if warnings and args.strict else exits.OK
 
 
 def print_policy(policy: Policy, source: str, out: TextIO) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +23,7 @@ import structlog
 import uvloop
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from tritonpilot import exits
 from tritonpilot.logs import configure_logging
 from tritonpilot.proxy.gpu import GpuSampler, NullGpuSampler, TritonMetricsGpuSource, make_gpu_sampler
 from tritonpilot.proxy.http import MetricsServer
@@ -115,39 +118,101 @@ class Sidecar:
         return healthy
 
 
+ENV_PREFIX = "TRITONPILOT_"
+
+
+def env_name(dest: str) -> str:
+    """--metrics-listen -> TRITONPILOT_METRICS_LISTEN."""
+    return ENV_PREFIX + dest.upper()
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     d = SidecarConfig()
-    parser.add_argument("--triton", help=f"Triton's gRPC address HOST:PORT (default {d.triton})")
-    parser.add_argument("--listen", help=f"where clients connect, HOST:PORT (default {d.listen})")
-    parser.add_argument("--metrics-listen", help=f"/metrics, /healthz, /readyz, /status (default {d.metrics_listen})")
-    parser.add_argument("--policy", metavar="FILE", help="the policy YAML; options given here override it")
+    parser.add_argument("--policy", metavar="FILE", help="the policy YAML; options and environment override it")
+    parser.add_argument("--triton", metavar="HOST:PORT", help=f"Triton's gRPC address (default {d.triton})")
+    parser.add_argument("--triton-metrics-url", metavar="URL",
+                        help="Triton's /metrics, read for GPU figures when NVML is absent (default: none)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help=f"where clients connect (default {d.listen})")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help=f"/metrics, /healthz, /readyz, /status (default {d.metrics_listen})")
     parser.add_argument("--allow-client-model-control", action="store_true", default=None,
                         help="let clients call RepositoryModelLoad/Unload (refused by default)")
-    parser.add_argument("--max-message-bytes", type=int, help="refuse larger request messages (default: no limit)")
-    parser.add_argument("--grace-period-s", type=float, help=f"drain time on SIGTERM (default {d.grace_period_s})")
-    parser.add_argument("--tcp-keepalive-s", type=float, help=f"TCP keepalive idle time (default {d.tcp_keepalive_s})")
-    parser.add_argument("--log-format", choices=["json", "console"], help="log format (default console)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    parser.add_argument("--max-message-bytes", type=int, metavar="N",
+                        help="refuse larger request messages (default: no limit)")
+    parser.add_argument("--grace-period-s", type=float, metavar="S",
+                        help=f"drain time on SIGTERM (default {d.grace_period_s:g})")
+    parser.add_argument("--tcp-keepalive-s", type=float, metavar="S",
+                        help=f"TCP keepalive idle time (default {d.tcp_keepalive_s:g})")
+    parser.add_argument("--log-format", choices=["json", "console"], help=f"(default {d.log_format})")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help=f"(default {d.log_level})")
+    for action in parser._actions:
+        if action.dest != "help":
+            action.help = f"{action.help}; env {env_name(action.dest)}"
+    parser.epilog = (f"Every option can also be set with an environment variable named {ENV_PREFIX}<OPTION> "
+                     "(e.g. TRITONPILOT_METRICS_LISTEN=0.0.0.0:9101; true/false for flags). "
+                     "Precedence: option > environment > policy file > default.")
 
 
-_OPTION_FIELDS = {"triton": "triton", "listen": "listen", "metrics_listen": "metrics_listen",
-                  "allow_client_model_control": "allow_client_model_control",
-                  "max_message_bytes": "max_message_bytes", "grace_period_s": "grace_period_s",
-                  "tcp_keepalive_s": "tcp_keepalive_s", "log_format": "log_format", "log_level": "log_level"}
+def _options() -> argparse.ArgumentParser:
+    """serve's options on their own, for reading the environment against them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    configure(parser)
+    return parser
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def apply_environment(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      environ: Mapping[str, str]) -> argparse.Namespace:
+    """Fill each option not given on the command line from TRITONPILOT_<OPTION>, converted
+    and checked as the option itself would be. Raises ValueError naming the variable."""
+    values = vars(args).copy()
+    for action in parser._actions:
+        name = env_name(action.dest)
+        if action.dest == "help" or values.get(action.dest) is not None or name not in environ:
+            continue
+        text = environ[name].strip()
+        if isinstance(action, argparse._StoreTrueAction):
+            if text.lower() not in _TRUE | _FALSE:
+                raise ValueError(f"{name}: got {text!r}; expected true or false")
+            values[action.dest] = text.lower() in _TRUE
+            continue
+        try:
+            value = action.type(text) if callable(action.type) else text
+        except ValueError:
+            kind = getattr(action.type, "__name__", "value")
+            raise ValueError(f"{name}: got {text!r}; expected a {kind}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{name}: got {text!r}; expected one of {', '.join(map(str, action.choices))}")
+        values[action.dest] = value
+    return argparse.Namespace(**values)
+
+
+_OPTION_FIELDS = ("triton", "triton_metrics_url", "listen", "metrics_listen", "allow_client_model_control",
+                  "max_message_bytes", "grace_period_s", "tcp_keepalive_s", "log_format", "log_level")
 
 
 def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarConfig:
-    """Options given on the command line override the policy file's values."""
-    overrides = {field: getattr(args, opt) for opt, field in _OPTION_FIELDS.items()
-                 if getattr(args, opt, None) is not None}
+    """Options (already merged with the environment) override the policy file's values."""
+    overrides = {field: getattr(args, field) for field in _OPTION_FIELDS if getattr(args, field, None) is not None}
     config = replace(base, **overrides)
     for what, value in (("--triton", config.triton), ("--listen", config.listen),
                         ("--metrics-listen", config.metrics_listen)):
         parse_host_port(value, what)
+    if config.max_message_bytes is not None and config.max_message_bytes < 1:
+        raise ValueError(f"--max-message-bytes: got {config.max_message_bytes}; must be >= 1")
+    if config.grace_period_s < 0:
+        raise ValueError(f"--grace-period-s: got {config.grace_period_s:g}; must be >= 0")
     return config
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        args = apply_environment(_options(), args, os.environ)
+    except ValueError as exc:
+        print(f"tritonpilot serve: {exc}", file=sys.stderr)
+        return exits.USAGE
     base, policy = SidecarConfig(), None
     if args.policy:
         from tritonpilot.control.policy import PolicyError  # the composition root may know both planes
@@ -156,12 +221,12 @@ def run(args: argparse.Namespace) -> int:
             base, policy = sidecar_config_from_policy(args.policy)
         except PolicyError as exc:
             print(f"tritonpilot serve: invalid policy {args.policy}:\n{exc}", file=sys.stderr)
-            return 2
+            return exits.USAGE
     try:
         config = config_from_args(args, base)
     except ValueError as exc:
         print(f"tritonpilot serve: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     factory: ControllerFactory | None = None
     if policy is not None:
         from tritonpilot.sidecar.wiring import controller_factory_from_policy
@@ -175,5 +240,5 @@ def run(args: argparse.Namespace) -> int:
         healthy = uvloop.run(main())
     except OSError as exc:  # e.g. the listen port is taken
         print(f"tritonpilot serve: {exc}", file=sys.stderr)
-        return 1
-    return 0 if healthy else 1
+        return exits.FAILURE
+    return exits.OK if healthy else exits.FAILURE

@@ -11,16 +11,24 @@ import argparse
 import sys
 from typing import TextIO
 
-from tritonpilot import exits
+from tritonpilot import exits, resources
 from tritonpilot.control.policy import Policy, PolicyError, ResolvedModelPolicy, load_policy, policy_warnings, resolve
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", help="the policy YAML")
+    parser.add_argument("file", metavar="FILE", nargs="?", help="the policy YAML")
+    parser.add_argument("--example", action="store_true",
+                        help="check the example policy that ships with tritonpilot (its path is printed: copy it)")
     parser.add_argument("--strict", action="store_true", help="exit 2 on warnings too")
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.file is None) == (not args.example):
+        print("tritonpilot check: give either a policy FILE or --example", file=sys.stderr)
+        return exits.USAGE
+    if args.example:
+        with resources.deploy_path(resources.EXAMPLE_POLICY) as example:
+            args.file = str(example)
     try:
         policy = load_policy(args.file)
     except PolicyError as exc:

@@ -1,5 +1,5 @@
 """The policy file: the shipped example loads, every validation rule fails with its message,
-warnings are returned (not raised), and `tritonpilot check` exits 0 or 1 accordingly."""
+warnings are returned (not raised), and `tritonpilot check` exits 0 or 2 accordingly."""
 
 from __future__ import annotations
 
@@ -388,12 +388,12 @@ def test_check_prints_the_resolved_policy_and_exits_0(capsys: pytest.CaptureFixt
     assert err == ""
 
 
-def test_check_prints_every_error_and_exits_1_without_a_traceback(
+def test_check_prints_every_error_and_exits_2_without_a_traceback(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("models:\n  resnet: {max_instances: 0}\n"
                     "defaults:\n  profiles: [{name: a, instances: [1, null], parameters: {INFERENCE_MODE: 'yes'}}]\n")
-    assert main(["check", str(path)]) == 1
+    assert main(["check", str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert f"{path}: invalid policy, 2 problems:" in err
@@ -402,8 +402,8 @@ def test_check_prints_every_error_and_exits_1_without_a_traceback(
     assert "Traceback" not in err
 
 
-def test_check_on_a_missing_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", str(tmp_path / "absent.yaml")]) == 1
+def test_check_on_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(tmp_path / "absent.yaml")]) == 2
     assert "cannot read the policy file" in capsys.readouterr().err
 
 
@@ -413,4 +413,18 @@ def test_check_prints_warnings_and_fails_on_them_only_with_strict(
     path.write_text("models:\n  m:\n    profiles: [{name: a, instances: [1, null], parameters: {FOO: 'x'}}]\n")
     assert main(["check", str(path)]) == 0
     assert "FOO is not a PyTorch-backend flag" in capsys.readouterr().err
-    assert main(["check", "--strict", str(path)]) == 1
+    assert main(["check", "--strict", str(path)]) == 2
+
+
+def test_check_example_validates_the_shipped_example_and_prints_its_path(capsys: pytest.CaptureFixture[str]) -> None:
+    from tritonpilot import resources
+    assert main(["check", "--example"]) == 0
+    shipped = str(resources.deploy_file(resources.EXAMPLE_POLICY))
+    assert capsys.readouterr().out.splitlines()[0] == f"{shipped}: valid"
+    assert Path(shipped).read_text() == EXAMPLE.read_text()
+
+
+def test_check_needs_exactly_one_of_a_file_or_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check"]) == 2
+    assert main(["check", "--example", str(EXAMPLE)]) == 2
+    assert capsys.readouterr().err.count("give either a policy FILE or --example") == 2

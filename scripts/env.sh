@@ -1,4 +1,4 @@
-# Sourced by scripts/demo and scripts/test: make (or reuse) the project's venv.
+# Sourced by the scripts: make (or reuse) the project's venv, with every extra and the test tools.
 # Re-installs when pyproject.toml changes, so a fresh clone needs nothing else.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[embedded,test,torch]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[all,test]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

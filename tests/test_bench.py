@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ import pytest
 from tritonpilot import cli
 from tritonpilot.ports import free_port
 from tritonpilot.tools import bench, benchlib
-from tritonpilot.tools.benchlib import BenchError, LevelResult, RateLoad
+from tritonpilot.tools.benchlib import BenchError, ConcurrencyLoad, LevelResult, RateLoad
 
 MS = 1_000_000  # ns
 
@@ -78,11 +80,13 @@ def test_cpu_per_request_from_process_seconds() -> None:
     assert r.cpu_us_per_request["gone"] is None  # no data, never a guess
 
 
-def _result(throughput: float, p95: float, errors: dict[str, int], count: int = 10) -> LevelResult:
-    return LevelResult(mode="concurrency", level=1, window_s=1, windows=1, batch_size=1, count=count, errors=errors,
-                       offered_per_s=throughput, served_per_s=throughput, throughput_infer_per_s=throughput,
-                       p50_us=p95 / 2, p95_us=p95, p99_us=p95, mean_us=p95 / 2, cpu_s={"t": 0.1},
-                       cpu_us_per_request={"t": 100.0})
+def _result(throughput: float, p95: float, errors: dict[str, int], count: int = 10, level: float = 1,
+            mode: benchlib.Mode = "concurrency") -> LevelResult:
+    return LevelResult(mode=mode, level=level, window_s=1, windows=1, batch_size=1, count=count,
+                       errors=errors, offered_per_s=throughput, served_per_s=throughput,
+                       throughput_infer_per_s=throughput, p50_us=p95 / 2, p95_us=p95, p99_us=p95, mean_us=p95 / 2,
+                       cpu_s={"t": 0.1}, cpu_us_per_request={"t": 100.0},
+                       percentiles_us={50: p95 / 2, 85: p95 * 0.85, 90: p95 * 0.9, 95: p95, 99: p95})
 
 
 def test_windows_combine_to_medians_and_totals() -> None:
@@ -91,7 +95,14 @@ def test_windows_combine_to_medians_and_totals() -> None:
     assert combined.throughput_infer_per_s == 20 and combined.p95_us == 200  # medians
     assert combined.count == 30 and combined.errors == {"UNAVAILABLE": 3} and combined.windows == 3  # totals
     assert combined.cpu_s["t"] == pytest.approx(0.3)
+    assert combined.percentiles_us[90] == 180 and combined.latency_us(90) == 180
 
+
+def test_window_reports_perf_analyzers_percentiles_and_any_asked_for() -> None:
+    records = [(i * MS, i * MS, i * MS + (i + 1) * 1000, None) for i in range(100)]  # latencies 1..100 us
+    r = benchlib.summarize_window(records, 0, 200 * MS, mode="concurrency", level=1, percentiles=[85])
+    assert r.percentiles_us == {50: 50, 85: 85, 90: 90, 95: 95, 99: 99}
+    assert r.latency_us(85) == 85 and r.latency_us(-1) == pytest.approx(50.5)  # -1: the mean
 
 @pytest.mark.parametrize(
     ("phases", "a_s", "b_s"),
@@ -167,12 +178,18 @@ def test_input_errors_name_the_option_and_what_is_allowed(kwargs: dict, config: 
         benchlib.inputs_from_metadata(SLEEP_META, config, **kwargs)
 
 
+def test_inputs_of_zeros_with_input_data_zero() -> None:
+    fp, text = benchlib.inputs_from_metadata(BATCH_META, {"max_batch_size": 8}, batch_size=2, fill="zero").tensors
+    assert fp.data.tolist() == [[0.0] * 4] * 2
+    assert text.data.tolist() == [[b"0"], [b"0"]]
+
+
 def test_ranges_include_their_end() -> None:
     assert bench.parse_range("1:4", "--concurrency-range", integer=True) == [1, 2, 3, 4]
     assert bench.parse_range("2:8:3", "--concurrency-range", integer=True) == [2, 5, 8]
     assert bench.parse_range("5", "--request-rate-range", integer=False) == [5]
     assert bench.parse_range("0.5:1.5:0.5", "--request-rate-range", integer=False) == [0.5, 1.0, 1.5]
-    for bad in ("0:2", "3:1", "1:2:0", "a:b", "1.5:2"):
+    for bad in ("0:2", "3:1", "1:2:0", "a:b", "1.5:2", "1:0"):
         with pytest.raises(BenchError, match="--concurrency-range"):
             bench.parse_range(bad, "--concurrency-range", integer=True)
 
@@ -195,6 +212,134 @@ def test_summary_lines_are_perf_analyzers() -> None:
     text = bench.perf_analyzer_summary([_result(45.6667, 22381.4, {})])
     assert text.splitlines() == ["Inferences/Second vs. Client p95 Batch Latency",
                                  "Concurrency: 1, throughput: 45.6667 infer/sec, latency 22381 usec"]
+    # --percentile N reports pN; -1 the average, perf_analyzer's own default.
+    assert bench.perf_analyzer_summary([_result(10, 2000, {})], 85).splitlines() == [
+        "Inferences/Second vs. Client p85 Batch Latency", "Concurrency: 1, throughput: 10 infer/sec, latency 1700 usec"]
+    assert bench.perf_analyzer_summary([_result(10, 2000, {})], -1).splitlines()[0] == (
+        "Inferences/Second vs. Client Average Batch Latency")
+
+
+# perf_analyzer's -f CSV, read from perf_analyzer 2.40.0's own output (the tritonclient 2.40.0 wheel's binary)
+# against tritonserver 2.51: `perf_analyzer -m fast -u HOST:PORT -i grpc --concurrency-range 1:2 -f FILE`,
+# the same with --request-rate-range 100:200:100, and with --percentile=85.
+PA_HEADER = "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency"  # noqa: E501
+PA_RATE_HEADER = "Request Rate,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency"  # noqa: E501
+PA_P85_HEADER = "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p85 latency,p90 latency,p95 latency,p99 latency"  # noqa: E501
+
+
+def test_latency_report_header_is_perf_analyzers() -> None:
+    assert ",".join(bench.latency_report_header("concurrency")) == PA_HEADER
+    assert ",".join(bench.latency_report_header("concurrency", -1)) == PA_HEADER
+    assert ",".join(bench.latency_report_header("request_rate")) == PA_RATE_HEADER
+    assert ",".join(bench.latency_report_header("phase")) == PA_RATE_HEADER
+    assert ",".join(bench.latency_report_header("concurrency", 85)) == PA_P85_HEADER
+
+
+def test_latency_report_rows_sorted_by_throughput_with_unmeasured_columns_0(tmp_path: Path) -> None:
+    path = tmp_path / "pa.csv"
+    results = [_result(1778.8, 2367.9, {}, level=2), _result(2221.13, 681.2, {}, level=1),
+               _result(0, 0, {"UNAVAILABLE": 3}, count=0, level=3)]
+    results[2] = LevelResult(**{**results[2].__dict__, "p50_us": None, "p95_us": None, "p99_us": None,
+                                "mean_us": None, "percentiles_us": {p: None for p in (50, 90, 95, 99)}})
+    bench.write_latency_report(str(path), results)
+    assert path.read_text().splitlines() == [
+        PA_HEADER,
+        "3,0,0,0,0,0,0,0,0,0,0,0,0",  # nothing succeeded: no latency to report
+        "2,1778.8,0,1183,0,0,0,0,0,1183,2131,2367,2367",
+        "1,2221.13,0,340,0,0,0,0,0,340,613,681,681",
+    ]
+    bench.write_latency_report(str(path), [_result(99.6222, 1000, {}, level=100, mode="request_rate"),
+                                           _result(0.5, 1000, {}, level=0.5, mode="request_rate")])
+    assert path.read_text().splitlines()[1:] == ["0.5,0.5,0,500,0,0,0,0,0,500,900,1000,1000",
+                                                 "100,99.6222,0,500,0,0,0,0,0,500,900,1000,1000"]
+
+
+# --------------------------------------------------------------------------- options: perf_analyzer's spellings
+
+
+def parse(*argv: str) -> bench.Settings:
+    return bench.settings(cli.build_parser("bench").parse_args(["bench", *argv]))
+
+
+def test_perf_analyzer_spellings_give_the_same_settings(tmp_path: Path) -> None:
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"data": [{"INPUT0": [1.0, 2.0]}]}))
+    report = str(tmp_path / "pa.csv")
+    short = parse("-m", "fast", "-u", "10.0.0.1:8001", "-i", "grpc", "--concurrency-range", "1:4:2", "-p", "1000",
+                  "--percentile", "85", "-b", "1", "--shape", "INPUT0:2", "--input-data", str(data), "-f", report)
+    attached = parse("-mfast", "-u10.0.0.1:8001", "-igrpc", "--concurrency-range=1:4:2", "-p1000",
+                     "--percentile=85", "-b1", "--shape=INPUT0:2", f"--input-data={data}", f"-f{report}")
+    long = parse("--model", "fast", "--triton", "10.0.0.1:8001", "--protocol", "GRPC", "--concurrency-range", "1:4:2",
+                 "--measurement-interval", "1000", "--percentile", "85", "--batch-size", "1", "--shape", "INPUT0:2",
+                 "--input-data", str(data), "--latency-report-file", report)
+    older = parse("--model", "fast", "--url", "grpc://10.0.0.1:8001", "--concurrency-range", "1:4:2",
+                  "--measurement-interval-ms", "1000", "--percentile", "85", "--batch-size", "1", "--shape",
+                  "INPUT0:2", "--input-data", str(data), "--latency-report-file", report)
+    assert short == attached == long == older
+    assert short.endpoints == (bench.Endpoint("10.0.0.1:8001", "10.0.0.1:8001"),)
+    assert short.model == "fast" and short.window_s == 1.0 and short.percentile == 85
+    assert short.loads == (ConcurrencyLoad(1), ConcurrencyLoad(3))
+    assert short.shapes == {"INPUT0": (2,)} and short.data == {"INPUT0": [1.0, 2.0]}
+    assert short.latency_report == report
+
+    rate = parse("-m", "fast", "--request-rate-range", "10:20:10", "--request-distribution", "constant")
+    assert rate.loads == (RateLoad(((10, math.inf),), 4), RateLoad(((20, math.inf),), 4))
+    defaults = parse("-m", "fast")
+    assert defaults.endpoints[0].url == "localhost:8001"  # perf_analyzer's gRPC default
+    assert (defaults.loads, defaults.window_s, defaults.percentile, defaults.fill) == (
+        (ConcurrencyLoad(1),), 5.0, 95, "random")
+    assert parse("-m", "fast", "--input-data", "zero").fill == "zero"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-m", "fast", "-i", "http"], "HTTP is not supported by bench yet"),
+        (["-m", "fast", "--protocol", "HTTP"], "HTTP is not supported by bench yet"),
+        (["-m", "fast", "-u", "http://localhost:8000"], "HTTP is not supported by bench yet"),
+        (["-m", "fast", "-i", "udp"], "expected grpc"),
+        (["-m", "fast", "-u", "localhost"], "expected Triton's gRPC endpoint as HOST:PORT"),
+        (["-m", "fast", "--triton", "localhost:99999"], "HOST:PORT"),
+        (["-u", "localhost:8001"], "-m"),
+        (["-m", "fast", "--concurrency-range", "0:2"], "needs 0 < START <= END"),
+        (["-m", "fast", "--concurrency-range", "1:0"], "END 0"),
+        (["-m", "fast", "--concurrency-range", "1.5"], "whole numbers only"),
+        (["-m", "fast", "--request-rate-range", "fast"], "expected START:END[:STEP]"),
+        (["-m", "fast", "--concurrency-range", "1", "--request-rate-range", "1"], "not allowed with"),
+        (["-m", "fast", "--request-distribution", "poisson"], "poisson is not supported by bench yet"),
+        (["-m", "fast", "-p", "0"], "must be > 0"),
+        (["-m", "fast", "--measurement-interval", "1.5"], "expected a whole number"),
+        (["-m", "fast", "--percentile", "100"], "1..99, or -1"),
+        (["-m", "fast", "--percentile", "p95"], "1..99, or -1"),
+        (["-m", "fast", "-b", "0"], "must be > 0"),
+        (["-m", "fast", "--rate-schedule", "5:60,35"], "RATE:SECONDS"),
+    ],
+)
+def test_bad_values_exit_2_with_a_message(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--label", "a", "--label", "b"], "--label given 2 times for 1 endpoint(s)"),
+        (["-f", "/no/such/dir/pa.csv"], "no directory '/no/such/dir'"),
+        (["--csv", "/no/such/dir/bench.csv"], "no directory"),
+        (["--input-data", "/no/such/file.json"], "--input-data /no/such/file.json"),
+        (["--rate-schedule", "5:1,10:1", "--transition-s", "1"], "leaves nothing of a 1 s phase"),
+        (["--shape", "INPUT0"], "expected NAME:d1,d2"),
+    ],
+)
+def test_option_conflicts_exit_2_before_connecting(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                   message: str) -> None:
+    # Nothing listens there: 2 (not 1, unreachable) shows the options were refused before any connection.
+    code, _, err = run_cli(capsys, "-m", "fast", "-u", f"127.0.0.1:{free_port()}", *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- real Triton
@@ -235,6 +380,25 @@ def test_concurrency_levels_on_the_sleep_model_with_csv(triton, capsys, tmp_path
 
 
 @pytest.mark.triton
+def test_perf_analyzer_command_line_writes_its_latency_report(triton, capsys, tmp_path) -> None:
+    path = tmp_path / "pa.csv"
+    code, out, err = run_cli(capsys, "-m", "fast", "-u", triton.grpc_url, "-i", "grpc", "--concurrency-range", "1:2",
+                             "--measurement-interval", "1000", "-f", str(path))
+    assert code == 0, err
+    assert "Inferences/Second vs. Client p95 Batch Latency" in out
+    lines = path.read_text().splitlines()
+    assert lines[0] == PA_HEADER
+    rows = list(csv.DictReader(lines))
+    assert len(rows) == 2
+    assert sorted(r["Concurrency"] for r in rows) == ["1", "2"]
+    assert all(float(r["Inferences/Second"]) > 0 for r in rows)
+    assert all(int(r["p50 latency"]) > 0 and int(r["Network+Server Send/Recv"]) > 0 for r in rows)
+    assert all(r["Server Queue"] == r["Client Send"] == "0" for r in rows)  # not measured by bench
+    throughputs = [float(r["Inferences/Second"]) for r in rows]
+    assert throughputs == sorted(throughputs)  # perf_analyzer's order
+
+
+@pytest.mark.triton
 def test_request_rate_serves_a_low_offered_rate(triton) -> None:
     async def go() -> LevelResult:
         inputs = await benchlib.prepare_inputs(triton.grpc_url, "sleep")
@@ -261,12 +425,17 @@ def test_rate_schedule_reports_each_phase(triton, capsys) -> None:
 
 
 @pytest.mark.triton
-def test_compare_prints_both_endpoints_and_ratios(triton, capsys) -> None:
-    code, out, err = run_cli(capsys, "--url", triton.grpc_url, "--compare", triton.grpc_url, "--model", "fast",
-                             "--concurrency-range", "1", "--windows", "2", "--measurement-interval-ms", "500",
-                             "--warmup-s", "0.2", "--label", "A", "--label", "B",
+def test_compare_prints_both_endpoints_and_ratios(triton, capsys, tmp_path) -> None:
+    report = tmp_path / "pa.csv"
+    code, out, err = run_cli(capsys, "--triton", triton.grpc_url, "--compare", triton.grpc_url, "-m", "fast",
+                             "--concurrency-range", "1", "--windows", "2", "-p", "500",
+                             "--warmup-s", "0.2", "--label", "A", "--label", "B", "-f", str(report),
                              "--cpu-pid", f"triton={triton.pid}", "--cpu-pid", "bench=self")
     assert code == 0, err
+    # -f: the first endpoint in FILE, the compared one in LABEL.FILE beside it.
+    for path in (report, tmp_path / "B.pa.csv"):
+        lines = path.read_text().splitlines()
+        assert lines[0] == PA_HEADER and len(lines) == 2 and lines[1].startswith("1,")
     assert f"=== A ({triton.grpc_url}) ===" in out and f"=== B ({triton.grpc_url}) ===" in out
     assert out.count("Inferences/Second vs. Client p95 Batch Latency") == 2
     assert "=== B vs A (median of windows) ===" in out
@@ -309,14 +478,32 @@ def test_bytes_and_batching_models_on_both_transports(triton, transport) -> None
 
 
 @pytest.mark.triton
-def test_unknown_model_exits_2_with_a_message(triton, capsys) -> None:
-    code, out, err = run_cli(capsys, "--url", triton.grpc_url, "--model", "no_such_model")
-    assert code == 2
+def test_unknown_model_exits_1_with_a_message(triton, capsys) -> None:
+    code, out, err = run_cli(capsys, "-u", triton.grpc_url, "-m", "no_such_model")
+    assert code == 1
     assert "no_such_model" in err and "NOT_FOUND" in err and "Traceback" not in err
 
 
-def test_unreachable_url_exits_2_with_a_message(capsys) -> None:
+@pytest.mark.triton
+def test_an_option_the_model_refuses_exits_2(triton, capsys) -> None:
+    code, out, err = run_cli(capsys, "-u", triton.grpc_url, "-m", "fast", "-b", "2")
+    assert code == 2
+    assert "--batch-size 2: the model does not batch" in err
+
+
+@pytest.mark.triton
+def test_a_level_where_every_request_failed_exits_1(triton, capsys, tmp_path) -> None:
+    # 5 ms deadline on a 20 ms model: every request times out; the report is still written.
+    path = tmp_path / "pa.csv"
+    code, out, err = run_cli(capsys, "-u", triton.grpc_url, "-m", "sleep", "--timeout-s", "0.005", "-p", "500",
+                             "--warmup-s", "0.1", "-f", str(path))
+    assert code == 1
+    assert "every request failed at" in err and "DEADLINE_EXCEEDED" in err
+    assert path.read_text().splitlines()[1] == "1,0,0,0,0,0,0,0,0,0,0,0,0"
+
+
+def test_unreachable_url_exits_1_with_a_message(capsys) -> None:
     url = f"127.0.0.1:{free_port()}"
     code, out, err = run_cli(capsys, "--url", url, "--model", "sleep")
-    assert code == 2
+    assert code == 1
     assert f"cannot reach Triton at {url}" in err and "Traceback" not in err

@@ -47,10 +47,23 @@ MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 _MAX_MESSAGE_BYTES = 2**31 - 1
 
 Transport = Literal["raw", "tritonclient"]
+Fill = Literal["random", "zero"]  # data of the inputs not given by the user (perf_analyzer's --input-data)
+Mode = Literal["concurrency", "request_rate", "phase"]
+# The latency percentiles perf_analyzer always reports (its -f CSV has a column for each).
+DEFAULT_PERCENTILES = (50, 90, 95, 99)
 
 
 class BenchError(Exception):
-    """A problem the user can fix (unreachable URL, unknown model, bad option): no traceback."""
+    """A usage error the user can fix (a bad option, or one the model does not accept): a message, no
+    traceback; `tritonpilot bench` exits with `exit_code` 2."""
+
+    exit_code = 2
+
+
+class BenchFailure(BenchError):
+    """The run could not be done (Triton unreachable, the model missing, a report not written): exit 1."""
+
+    exit_code = 1
 
 
 # --------------------------------------------------------------------------- inputs
@@ -107,6 +120,14 @@ def parse_shape_option(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
             raise BenchError(f"--shape {value!r}: expected NAME:d1,d2,... with positive integers")
         shapes[name] = parsed
     return shapes
+
+
+def _zero_tensor(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    if datatype == "BYTES":
+        return np.full(shape, b"0", dtype=np.object_)  # a one-character string of '0' per element
+    if datatype == "BF16":
+        raise BenchError("BF16 inputs need --input-data FILE (numpy has no bfloat16)")
+    return np.zeros(shape, dtype=triton_to_np_dtype(datatype))
 
 
 def _random_tensor(datatype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -172,8 +193,12 @@ def inputs_from_metadata(
     batch_size: int = 1,
     data: Mapping[str, Any] | None = None,
     seed: int = 0,
+    fill: Fill = "random",
 ) -> PreparedInputs:
-    """Build one request from ModelMetadata/ModelConfig as JSON (tritonclient's as_json=True)."""
+    """Build one request from ModelMetadata/ModelConfig as JSON (tritonclient's as_json=True).
+
+    Inputs without `data` get random values, or zeros with fill="zero".
+    """
     shapes = shapes or {}
     data = data or {}
     max_batch_size = int(config.get("max_batch_size", 0))
@@ -205,6 +230,8 @@ def inputs_from_metadata(
         shape = (batch_size, *sample) if max_batch_size > 0 else sample
         if name in data:
             array = _given_tensor(name, datatype, shape, data[name])
+        elif fill == "zero":
+            array = _zero_tensor(datatype, shape)
         else:
             array = _random_tensor(datatype, shape, rng)
         tensors.append(InputTensor(name, datatype, shape, array))
@@ -213,6 +240,9 @@ def inputs_from_metadata(
 
 def load_input_data(path: str | Path) -> dict[str, Any]:
     """A JSON object of name -> list, or perf_analyzer's {"data": [{name: ...}, ...]} (first entry)."""
+    if Path(path).is_dir():
+        raise BenchError(f"--input-data {path}: a directory of per-input files is not supported by bench; "
+                         "give a JSON file, 'random' or 'zero'")
     try:
         loaded = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -238,8 +268,8 @@ async def fetch_model(url: str, model: str, timeout_s: float = 10.0) -> tuple[di
     except InferenceServerException as e:
         code = _status_name(e)
         if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            raise BenchError(f"cannot reach Triton at {url}: {code}: {e.message()}") from None
-        raise BenchError(f"model {model!r} at {url}: {code}: {e.message()}") from None
+            raise BenchFailure(f"cannot reach Triton at {url}: {code}: {e.message()}") from None
+        raise BenchFailure(f"model {model!r} at {url}: {code}: {e.message()}") from None
     finally:
         await client.close()
     return metadata, config.get("config", config)
@@ -254,9 +284,11 @@ async def prepare_inputs(
     data: Mapping[str, Any] | None = None,
     seed: int = 0,
     timeout_s: float = 10.0,
+    fill: Fill = "random",
 ) -> PreparedInputs:
     metadata, config = await fetch_model(url, model, timeout_s)
-    return inputs_from_metadata(metadata, config, shapes=shapes, batch_size=batch_size, data=data, seed=seed)
+    return inputs_from_metadata(metadata, config, shapes=shapes, batch_size=batch_size, data=data, seed=seed,
+                                fill=fill)
 
 
 # --------------------------------------------------------------------------- transports
@@ -364,7 +396,7 @@ def read_cpu_all(pids: Mapping[str, int]) -> dict[str, float | None]:
 class LevelResult:
     """One load level (or phase) measured over one window, or the median of several."""
 
-    mode: Literal["concurrency", "request_rate", "phase"]
+    mode: Mode
     level: float  # workers (concurrency) or offered requests/s (rate, phase)
     window_s: float  # measured seconds (sum over windows)
     windows: int
@@ -381,10 +413,23 @@ class LevelResult:
     late: int = 0  # open loop: sends that left later than their schedule allows
     cpu_s: Mapping[str, float | None] = field(default_factory=dict)  # per labelled process
     cpu_us_per_request: Mapping[str, float | None] = field(default_factory=dict)
+    # percentile -> latency (us): DEFAULT_PERCENTILES and any asked for; None when nothing succeeded
+    percentiles_us: Mapping[int, float | None] = field(default_factory=dict)
 
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    def latency_us(self, percentile: int) -> float | None:
+        """The latency at `percentile` (1..99), or the mean for -1 (perf_analyzer's --percentile)."""
+        if percentile == -1:
+            return self.mean_us
+        if percentile in self.percentiles_us:
+            return self.percentiles_us[percentile]
+        known = {50: self.p50_us, 95: self.p95_us, 99: self.p99_us}
+        if percentile in known:
+            return known[percentile]
+        raise KeyError(f"p{percentile} was not measured")
 
 
 # (scheduled_ns, sent_ns, done_ns, code or None)
@@ -410,15 +455,19 @@ def summarize_window(
     start_ns: int,
     end_ns: int,
     *,
-    mode: Literal["concurrency", "request_rate", "phase"],
+    mode: Mode,
     level: float,
     batch_size: int = 1,
     scheduled_in_window: int | None = None,
     late_tol_ns: int = 0,
     cpu_before: Mapping[str, float | None] | None = None,
     cpu_after: Mapping[str, float | None] | None = None,
+    percentiles: Sequence[int] = (),
 ) -> LevelResult:
-    """Pure: the window [start_ns, end_ns) from request records."""
+    """Pure: the window [start_ns, end_ns) from request records.
+
+    Latency percentiles: DEFAULT_PERCENTILES and `percentiles` (1..99), in `percentiles_us`.
+    """
     window_s = max((end_ns - start_ns) / 1e9, 1e-9)
     latencies_us: list[float] = []
     errors: Counter[str] = Counter()
@@ -456,7 +505,9 @@ def summarize_window(
         mean_us=statistics.fmean(latencies_us) if latencies_us else None,
         late=late,
         cpu_s=cpu_s,
-        cpu_us_per_request={k: (v * 1e6 / completed if v is not None and completed else None) for k, v in cpu_s.items()},
+        cpu_us_per_request={k: (v * 1e6 / completed if v is not None and completed else None)
+                            for k, v in cpu_s.items()},
+        percentiles_us={p: percentile(latencies_us, p) for p in sorted({*DEFAULT_PERCENTILES, *percentiles})},
     )
 
 
@@ -503,7 +554,10 @@ def combine_windows(results: Sequence[LevelResult]) -> LevelResult:
         mean_us=_median_or_none([r.mean_us for r in results]),
         late=sum(r.late for r in results),
         cpu_s=cpu_s,
-        cpu_us_per_request={l: _median_or_none([r.cpu_us_per_request.get(l) for r in results]) for l in labels},
+        cpu_us_per_request={label: _median_or_none([r.cpu_us_per_request.get(label) for r in results])
+                            for label in labels},
+        percentiles_us={p: _median_or_none([r.percentiles_us.get(p) for r in results])
+                         for p in first.percentiles_us},
     )
 
 
@@ -629,8 +683,9 @@ async def run_load(
     timeout_s: float | None = 30.0,
     cpu_pids: Mapping[str, int] | None = None,
     transport: Transport = "raw",
-    mode: Literal["concurrency", "request_rate", "phase"] | None = None,
+    mode: Mode | None = None,
     levels: Sequence[float] | None = None,
+    percentiles: Sequence[int] = (),
 ) -> list[LevelResult]:
     """Run `load` from t=0 to the end of the last window, then summarize each window.
 
@@ -670,6 +725,8 @@ async def run_load(
     results = []
     for i, (a, b) in enumerate(windows_s):
         a_ns, b_ns = start_ns + int(a * 1e9), start_ns + int(b * 1e9)
+        kind: Mode
+        scheduled: int | None
         if isinstance(load, ConcurrencyLoad):
             kind, level, scheduled, tol = "concurrency", float(load.concurrency), None, 0
         else:
@@ -681,7 +738,7 @@ async def run_load(
                 records, a_ns, b_ns,
                 mode=mode or kind, level=levels[i] if levels else level, batch_size=inputs.batch_size,
                 scheduled_in_window=scheduled, late_tol_ns=tol,
-                cpu_before=cpu_at[int(a * 1e9)], cpu_after=cpu_at[int(b * 1e9)],
+                cpu_before=cpu_at[int(a * 1e9)], cpu_after=cpu_at[int(b * 1e9)], percentiles=percentiles,
             )
         )
     return results
@@ -724,11 +781,12 @@ async def measure_concurrency(
     timeout_s: float | None = 30.0,
     cpu_pids: Mapping[str, int] | None = None,
     transport: Transport = "raw",
+    percentiles: Sequence[int] = (),
 ) -> LevelResult:
     """Closed loop: `concurrency` workers, one connection each; the median over `windows`."""
     results = await run_load(
         url, model, ConcurrencyLoad(concurrency), inputs, consecutive_windows(warmup_s, window_s, windows),
-        timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport,
+        timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport, percentiles=percentiles,
     )
     return combine_windows(results)
 
@@ -746,6 +804,7 @@ async def measure_request_rate(
     cpu_pids: Mapping[str, int] | None = None,
     transport: Transport = "raw",
     connections: int = 4,
+    percentiles: Sequence[int] = (),
 ) -> LevelResult:
     """Open loop at a constant spacing of 1/rate; the median over `windows`."""
     if rate_per_s <= 0:
@@ -753,7 +812,7 @@ async def measure_request_rate(
     results = await run_load(
         url, model, RateLoad(((rate_per_s, math.inf),), connections), inputs,
         consecutive_windows(warmup_s, window_s, windows),
-        timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport,
+        timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport, percentiles=percentiles,
     )
     return combine_windows(results)
 
@@ -768,7 +827,8 @@ def parse_rate_schedule(text: str) -> tuple[tuple[float, float], ...]:
         except ValueError:
             phase = (-1.0, -1.0)
         if not sep or phase[0] < 0 or phase[1] <= 0:
-            raise BenchError(f"--rate-schedule {text!r}: expected RATE:SECONDS,... (rate >= 0, seconds > 0), got {part!r}")
+            raise BenchError(f"--rate-schedule {text!r}: expected RATE:SECONDS,... (rate >= 0, seconds > 0), "
+                             f"got {part!r}")
         phases.append(phase)
     return tuple(phases)
 
@@ -784,11 +844,12 @@ async def measure_rate_schedule(
     cpu_pids: Mapping[str, int] | None = None,
     transport: Transport = "raw",
     connections: int = 4,
+    percentiles: Sequence[int] = (),
 ) -> list[LevelResult]:
     """One open-loop run through the phases; each phase measured after its first `transition_s`."""
     windows: list[tuple[float, float]] = []
     t = 0.0
-    for rate, seconds in phases:
+    for _rate, seconds in phases:
         if transition_s >= seconds:
             raise BenchError(f"transition {transition_s}s leaves nothing of a {seconds}s phase to measure")
         windows.append((t + transition_s, t + seconds))
@@ -797,7 +858,7 @@ async def measure_rate_schedule(
     load = RateLoad((*tuple(phases), (0.0, 1.0)), connections)
     return await run_load(
         url, model, load, inputs, windows, timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport,
-        mode="phase", levels=[rate for rate, _ in phases],
+        mode="phase", levels=[rate for rate, _ in phases], percentiles=percentiles,
     )
 
 
@@ -814,6 +875,7 @@ async def measure_alternating(
     cpu_pids: Mapping[str, int] | None = None,
     transport: Transport = "raw",
     on_window: Callable[[int, int, LevelResult], None] | None = None,
+    percentiles: Sequence[int] = (),
 ) -> list[LevelResult]:
     """The same load against each URL in turn (A, B, A, B, ...), `windows` times each.
 
@@ -825,7 +887,7 @@ async def measure_alternating(
         # Nothing to alternate with: consecutive windows after one warm-up.
         results = await run_load(
             urls[0], model, load, inputs, consecutive_windows(warmup_s, window_s, windows),
-            timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport,
+            timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport, percentiles=percentiles,
         )
         for k, result in enumerate(results):
             if on_window is not None:
@@ -836,7 +898,7 @@ async def measure_alternating(
         for i, url in enumerate(urls):
             (result,) = await run_load(
                 url, model, load, inputs, [(warmup_s, warmup_s + window_s)],
-                timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport,
+                timeout_s=timeout_s, cpu_pids=cpu_pids, transport=transport, percentiles=percentiles,
             )
             per_url[i].append(result)
             if on_window is not None:

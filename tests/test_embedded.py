@@ -393,6 +393,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         finally:
             c.close()
         group = group_members(server_pid)
+        assert server_pid in group
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -424,6 +425,7 @@ def test_cli_sigterm_while_starting_stops_what_it_began(tmp_path: Path) -> None:
         while not (log_file.exists() and "loading: sleep" in log_file.read_text(errors="replace")):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
+        assert processes_mentioning(str(repo))  # what the check below must find gone: tritonserver, its stub
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 130
         assert "interrupted" in (proc.stderr.read() if proc.stderr else "")

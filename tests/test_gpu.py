@@ -364,12 +364,17 @@ def test_triton_metrics_source_unreachable_gives_no_data() -> None:
 
 
 def test_triton_metrics_source_run_loop_keeps_latest_fresh() -> None:
+    clock = FakeClock(0.0)
+
     async def scenario() -> GpuSnapshot:
         runner, base = await serve_text({"/metrics": TRITON_GPU_METRICS})
-        source = TritonMetricsGpuSource(f"{base}/metrics", interval_s=0.001)
+        source = TritonMetricsGpuSource(f"{base}/metrics", interval_s=0.001, clock=clock)
         task = asyncio.create_task(source.run())
         try:
             await wait_for(lambda: source.latest().gpus is not None)
+            # Not a single sample: the loop goes on, and latest() follows it.
+            clock.now_s = 5.0
+            await wait_for(lambda: source.latest().now_s == 5.0)
             return source.latest()
         finally:
             task.cancel()

@@ -602,8 +602,11 @@ async def test_stopping_the_loop_cancels_a_pending_reload_and_closes_its_sources
 
     controller = Controller({MODEL: POLICY}, sources, actuator, clock=clock, sleep=fake_sleep)
     run = asyncio.create_task(controller.run())
-    while actuator.pending(MODEL) is None:
+    for _ in range(10_000):
+        if actuator.pending(MODEL) is not None:
+            break
         await asyncio.sleep(0)
+    assert actuator.pending(MODEL) is not None, "the loop never submitted the reload"
     reload_task = actuator._pending[MODEL].task
     run.cancel()  # what the sidecar does at shutdown
     await asyncio.gather(run, return_exceptions=True)
@@ -722,8 +725,13 @@ async def test_metrics_names_and_labels() -> None:
 
 def test_two_controllers_in_one_process_do_not_clash() -> None:
     triton = FakeTriton({MODEL: model_config()})
-    for _ in range(2):  # each has a private registry unless given one
-        Controller({MODEL: POLICY}, FakeSources(triton), RecordingApplier())
+    # Each has a private registry unless given one: on a shared one the second would raise
+    # "Duplicated timeseries", and each would export the other's numbers.
+    first, second = (Controller({MODEL: POLICY}, FakeSources(triton), RecordingApplier()) for _ in range(2))
+    first.metrics.instances.labels(model=MODEL).set(3)
+    second.metrics.instances.labels(model=MODEL).set(1)
+    assert [s.value for m in first.metrics.instances.collect() for s in m.samples] == [3]
+    assert [s.value for m in second.metrics.instances.collect() for s in m.samples] == [1]
 
 
 # ------------------------------------------------------------------------------ overrides
@@ -807,7 +815,8 @@ params_st = st.dictionaries(st.sampled_from(["INFERENCE_MODE", "DISABLE_OPTIMIZE
 @given(live_params=params_st, new_params=st.dictionaries(st.sampled_from(["INFERENCE_MODE",
                                                                           "DISABLE_OPTIMIZED_EXECUTION"]),
                                                          flag_values, max_size=2),
-       extra_managed=st.sets(st.sampled_from(["INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION", "ENABLE_CACHE_CLEANING"])),
+       extra_managed=st.sets(st.sampled_from(["INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION",
+                                              "ENABLE_CACHE_CLEANING"])),
        live_count=st.integers(1, 8), count=st.integers(1, 8), bump=st.booleans())
 def test_an_override_always_matches_what_it_was_built_for(live_params: dict[str, str], new_params: dict[str, str],
                                                            extra_managed: set[str], live_count: int, count: int,

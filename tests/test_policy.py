@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from textwrap import dedent
 
+import pydantic
 import pytest
 import yaml
 
@@ -55,6 +56,7 @@ def test_the_shipped_example_loads_and_resolves() -> None:
 
 def test_an_empty_file_is_all_defaults_and_warns_that_nothing_is_controlled() -> None:
     policy = parse_policy(None)
+    assert policy == parse_policy({})
     assert resolve(policy) == {}
     assert policy.defaults.profiles == BUILTIN_PROFILES
     assert any(w.startswith("models: got {}; no model is controlled") for w in policy_warnings(policy))
@@ -88,8 +90,9 @@ def test_override_keys_are_exactly_the_default_keys() -> None:
 
 def test_policy_objects_are_frozen() -> None:
     policy = parse_policy({})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         policy.control.interval_s = 5  # type: ignore[misc]
+    assert policy.control.interval_s == 1
 
 
 # --- every validation rule, with its message ---------------------------------------------
@@ -251,11 +254,14 @@ def test_thread_counts_differing_between_models_are_an_error() -> None:
 
 
 def test_equal_thread_counts_across_models_are_fine() -> None:
-    warnings_of("""
+    policy = parse_policy(yaml.safe_load(dedent("""
         defaults:
           profiles: [{name: a, instances: [1, null], parameters: {INTER_OP_THREAD_COUNT: "2"}}]
         models: {m1: {}, m2: {profiles: [{name: b, instances: [1, null], parameters: {INTER_OP_THREAD_COUNT: "2"}}]}}
-    """)
+    """)))  # no PolicyError
+    assert policy_warnings(policy) == []
+    resolved = resolve(policy)
+    assert [resolved[m].profile_for(1).parameters for m in ("m1", "m2")] == [{"INTER_OP_THREAD_COUNT": "2"}] * 2
 
 
 def test_max_signal_age_below_the_interval_is_an_error() -> None:
@@ -308,7 +314,8 @@ def test_duplicate_yaml_keys_are_an_error_not_silently_the_last(tmp_path: Path) 
 def test_a_missing_file_is_a_policy_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as info:
         load_policy(tmp_path / "absent.yaml")
-    assert info.value.problems == [f"{tmp_path / 'absent.yaml'}: cannot read the policy file: No such file or directory"]
+    assert info.value.problems == [
+        f"{tmp_path / 'absent.yaml'}: cannot read the policy file: No such file or directory"]
 
 
 # --- warnings: returned, not raised --------------------------------------------------------

@@ -5,6 +5,7 @@ bytes, broken frames) costs only the connection that sent it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import random
 import socket
@@ -92,13 +93,13 @@ def test_deadline_exceeded_reaches_triton(gate_triton: EmbeddedTriton, sidecar_f
         gate = gates.new()
         client = grpcclient.InferenceServerClient(url)
         started = time.monotonic()
-        results[name] = outcome(lambda: client.infer("gate", gate_inputs(gate), client_timeout=2.0))
+        results[name] = outcome(functools.partial(client.infer, "gate", gate_inputs(gate), client_timeout=2.0))
         took_s = time.monotonic() - started
         client.close()
         assert 2.0 <= took_s < 10.0
         assert gates.holding(gate)  # Triton was executing it when the deadline passed
         # Triton saw the call end: the held request noticed it was cancelled.
-        wait_until(lambda: gates.saw_cancel(gate), what=f"Triton to see the {name} deadline pass")
+        wait_until(functools.partial(gates.saw_cancel, gate), what=f"Triton to see the {name} deadline pass")
     assert results["proxied"] == results["direct"]
     assert results["direct"].code == "StatusCode.DEADLINE_EXCEEDED"
     assert sidecar.inflight("gate") == 0

@@ -166,6 +166,7 @@ def test_gzip_stream_requests_count_for_their_model(gate_triton: EmbeddedTriton,
     assert [responses.get(timeout=60)[1] for _ in range(3)] == [None] * 3
     wait_until(lambda: sidecar.inflight("gate") == 0, what="in flight back to 0")
     assert set(sidecar.snapshot().models) == {"gate"}
+    assert sidecar.finished("gate") == {"OK": 3}
     client.stop_stream()
     client.close()
 
@@ -220,7 +221,8 @@ class CompressingUpstream:
                 response.infer_response.model_name = request.model_name
                 response.infer_response.id = request.id
                 response.infer_response.parameters["triton_final_response"].bool_param = final
-                response.infer_response.parameters["padding"].string_param = "x" * 300  # worth compressing, inside the peek
+                # Worth compressing, and inside the peek.
+                response.infer_response.parameters["padding"].string_param = "x" * 300
                 yield response
 
     def stop(self) -> None:
@@ -285,8 +287,8 @@ def test_triton_killed_under_load_then_restarted(triton_factory, sidecar_factory
             during = [o for o in outcomes if o[0] < killed_at < o[0] + o[1] or o[0] < kill_started < o[0] + o[1]]
             after = [o for o in outcomes if o[0] >= killed_at]
         # Calls open at the kill either got their answer or UNAVAILABLE; later ones UNAVAILABLE;
-        # all well inside their deadline.
-        assert all(code in ("OK", "StatusCode.UNAVAILABLE") for _, _, code in during), during
+        # all well inside their deadline. (4 workers in a closed loop: some call is always open.)
+        assert during and all(code in ("OK", "StatusCode.UNAVAILABLE") for _, _, code in during), during
         assert after and all(code == "StatusCode.UNAVAILABLE" for _, _, code in after), after
         assert max(took for _, took, _ in during + after) < deadline_s
         # The proxy itself stays up: health SERVING, alive, not ready.
@@ -342,7 +344,7 @@ def test_triton_unreachable_fails_fast_and_health_still_answers(sidecar_factory)
     started = time.monotonic()
     failures = asyncio.run(many_at_once())
     assert time.monotonic() - started < 5.0
-    assert [getattr(f, "status", lambda: repr(f))() for f in failures] == ["StatusCode.UNAVAILABLE"] * 20
+    assert [f.status() if hasattr(f, "status") else repr(f) for f in failures] == ["StatusCode.UNAVAILABLE"] * 20
     # The refused inferences are counted under their model, as operators need to see.
     refused = sidecar.snapshot().models["identity_fp32"]
     assert (refused.finished_total, refused.inflight) == ({"UNAVAILABLE": 2}, 0)

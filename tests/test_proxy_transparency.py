@@ -7,6 +7,7 @@ import json
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -65,10 +66,10 @@ def test_health_and_metadata_rpcs_answer_as_triton_does(clients) -> None:
     meta = assert_same(clients, lambda c: c.get_server_metadata(as_json=True))
     assert meta.value["name"] == "triton" and meta.value["version"]
     for model in MODELS:
-        assert assert_same(clients, lambda c: c.is_model_ready(model)).value is True
-        metadata = assert_same(clients, lambda c: c.get_model_metadata(model, as_json=True))
+        assert assert_same(clients, lambda c, model=model: c.is_model_ready(model)).value is True
+        metadata = assert_same(clients, lambda c, model=model: c.get_model_metadata(model, as_json=True))
         assert metadata.value["name"] == model
-        config = assert_same(clients, lambda c: c.get_model_config(model, as_json=True))
+        config = assert_same(clients, lambda c, model=model: c.get_model_config(model, as_json=True))
         assert config.value["config"]["name"] == model
     # A model that isn't there: same answer (ready=False), same error.
     assert assert_same(clients, lambda c: c.is_model_ready("no_such_model")).value is False
@@ -264,7 +265,9 @@ def test_stream_infer_sequence_start_and_end(triton: EmbeddedTriton, sidecar: Si
     assert sidecar.model("sequence").finished_total == {"OK": 4}
     # A request outside any sequence: the same error both ways, in-stream.
     lost = [sequence_request(0, 1)]
-    assert stream_results(sidecar.url, lost) == stream_results(triton.grpc_url, lost)
+    lost_direct = stream_results(triton.grpc_url, lost)
+    assert [r[0] for r in lost_direct] == ["error"], lost_direct
+    assert stream_results(sidecar.url, lost) == lost_direct
 
 
 # ------------------------------------------------------------------------------ metadata and compression
@@ -301,8 +304,8 @@ def test_request_metadata_goes_through_and_response_metadata_comes_back(
 def test_gzip_request_passes_and_its_model_is_still_counted(clients, sidecar: SidecarThread) -> None:
     data = np.arange(4096, dtype=np.float32)  # compressible, and longer than the relay's peek
     for algorithm in ("gzip", "deflate"):
-        r = assert_same(clients, lambda c: c.infer("identity_fp32", fp32_inputs(data),
-                                                   compression_algorithm=algorithm).as_numpy("OUTPUT0").tolist())
+        r = assert_same(clients, lambda c, algorithm=algorithm: c.infer(
+            "identity_fp32", fp32_inputs(data), compression_algorithm=algorithm).as_numpy("OUTPUT0").tolist())
         assert r.value == data.tolist()
     snap = sidecar.snapshot().models
     assert snap["identity_fp32"].finished_total == {"OK": 2}
@@ -353,7 +356,17 @@ def test_concurrent_calls_from_many_threads_come_back_right(sidecar: SidecarThre
     assert sidecar.model("identity_fp32").inflight == 0
 
 
-def test_health_check_is_answered_by_the_proxy(sidecar: SidecarThread) -> None:
+def test_health_check_is_answered_by_the_proxy(sidecar: SidecarThread, sidecar_factory) -> None:
+    # Triton answers Health/Check too: in front of a gRPC server with no services, where the
+    # call would come back UNIMPLEMENTED, only the proxy can have said SERVING.
+    bare = grpc.server(ThreadPoolExecutor(max_workers=2))
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        assert health_check(f"127.0.0.1:{port}")[0] == "UNIMPLEMENTED"
+        assert health_check(sidecar_factory(f"127.0.0.1:{port}").url) == ("OK", HEALTH_SERVING)
+    finally:
+        bare.stop(grace=None)
     assert health_check(sidecar.url) == ("OK", HEALTH_SERVING)
     # ... and the connection stays usable for Triton's RPCs afterwards.
     with grpc.insecure_channel(sidecar.url) as channel:

@@ -64,9 +64,40 @@ def test_stream_response_info(message: bytes, expected: tuple) -> None:
     assert wire.stream_response_info(message[:wire.HEAD_BYTES]) == expected
 
 
+def infer_response(model: str = "", request_id: str = "", final: bool | None = None,
+                   parameter_bytes: int = 0) -> bytes:
+    response = service_pb2.ModelInferResponse(model_name=model, id=request_id)
+    if final is not None:
+        response.parameters["triton_final_response"].bool_param = final
+    if parameter_bytes:
+        response.parameters["big"].string_param = "x" * parameter_bytes
+    return response.SerializeToString()
+
+
+def as_stream_response(infer_response_bytes: bytes) -> bytes:
+    """ModelStreamInferResponse{infer_response (field 2): these bytes}, written by hand so
+    the bytes (and so the map entries' order) stay as given."""
+    n, length = len(infer_response_bytes), b""
+    while n >= 0x80:
+        length, n = length + bytes((n & 0x7F | 0x80,)), n >> 7
+    return b"\x12" + length + bytes((n,)) + infer_response_bytes
+
+
 def test_final_flag_beyond_the_peek_is_not_seen() -> None:
     # Map entries are written in no fixed order; a large one ahead of the flag hides it.
-    # Documented limit: the response then counts as final.
+    # Documented limit: the response then counts as final. Serialized messages concatenated
+    # merge into one, so here the order is set by the test, not left to the encoder.
+    big = 2 * wire.HEAD_BYTES
+    flag_last = as_stream_response(infer_response("dec", "a", parameter_bytes=big) + infer_response(final=False))
+    flag_first = as_stream_response(infer_response("dec", "a", final=False) + infer_response(parameter_bytes=big))
+    for message in (flag_last, flag_first):  # the same response, the flag in it
+        parsed = service_pb2.ModelStreamInferResponse.FromString(message).infer_response
+        assert (parsed.model_name, parsed.id, parsed.parameters["triton_final_response"].bool_param) == (
+            "dec", "a", False)
+        assert parsed.parameters["triton_final_response"].HasField("bool_param")
+    assert wire.stream_response_info(flag_last[:wire.HEAD_BYTES]) == ("dec", "a", None, False)
+    assert wire.stream_response_info(flag_first[:wire.HEAD_BYTES]) == ("dec", "a", False, False)
+    # As the encoder writes it, the flag is seen or not, but never read as something else.
     message = stream_response("dec", "a", final=False, extra_parameter_bytes=2 * wire.HEAD_BYTES)
     model, request_id, final, _ = wire.stream_response_info(message[:wire.HEAD_BYTES])
     assert (model, request_id) == ("dec", "a") and final in (False, None)
@@ -95,7 +126,7 @@ def test_scanner_finds_each_message_in_any_pieces() -> None:
     stream = b"".join(b"\x00" + len(m).to_bytes(4, "big") + m for m in messages)
     for piece in (1, 3, 7, 1024, len(stream)):
         seen: list[tuple[bytes, bool, int]] = []
-        scanner = wire.MessageScanner(lambda head, compressed, length: seen.append((head, compressed, length)))
+        scanner = wire.MessageScanner(lambda *found, seen=seen: seen.append(found))  # (head, compressed, length)
         for i in range(0, len(stream), piece):
             scanner.feed(memoryview(stream)[i:i + piece])
         assert [(h, n) for h, _, n in seen] == [(m[:wire.HEAD_BYTES], len(m)) for m in messages]

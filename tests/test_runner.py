@@ -64,7 +64,8 @@ def test_non_numbers_fail_with_tritons_message(text: str) -> None:
 
 def test_defaults_and_log_lines_follow_the_backend() -> None:
     flags = RUNNER.parse_parameters({})
-    assert (flags.optimized_execution, flags.inference_mode, flags.cudnn, flags.cache_cleaning) == (True, True, True, False)
+    assert (flags.optimized_execution, flags.inference_mode, flags.cudnn, flags.cache_cleaning) == (
+        True, True, True, False)
     assert (flags.jit_profiling, flags.jit_executor, flags.tensor_fuser) == (None, None, None)
     assert RUNNER.load_log_lines(flags, "m", 1, 2) == [
         "Optimized execution is enabled for model instance 'm'",
@@ -120,8 +121,9 @@ def _scripted_linear(path: Path) -> Path:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tritonpilot", "runner", *args], capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=120
-    )
+        [sys.executable, "-m", "tritonpilot", "runner", *args],
+        capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=120,
+    )  # fmt: skip
 
 
 def test_cli_writes_a_model_directory(tmp_path: Path) -> None:
@@ -151,7 +153,9 @@ def test_cli_writes_a_model_directory(tmp_path: Path) -> None:
 )
 def test_cli_bad_arguments_exit_2(tmp_path: Path, extra: list[str], message: str) -> None:
     pt = _scripted_linear(tmp_path / "lin.pt")
-    result = _cli("--torchscript", str(pt), "--name", "m", "--repository", str(tmp_path), "--output", "y:FP32:3", *extra)
+    result = _cli(
+        "--torchscript", str(pt), "--name", "m", "--repository", str(tmp_path), "--output", "y:FP32:3", *extra,
+    )  # fmt: skip
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "m").exists()
@@ -309,6 +313,7 @@ def test_two_requests_run_as_one_batch(served: dict[str, Any]) -> None:
 
     _, report = _run_and_report(served, both)
     assert (report["requests"], report["batch_size"]) == (2, 2)
+    assert all(r is not None for r in results), results  # a failed send leaves None
     for row, result in zip(rows, results):
         np.testing.assert_allclose(result, _expected(served, row), rtol=1e-6)
 

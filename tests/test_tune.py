@@ -350,7 +350,8 @@ def test_tune_two_profiles_two_counts_two_levels(served: dict[str, Any], tmp_pat
     assert f"{out / 'policy.yaml'}: valid" in checked and f"model {MODEL}" in checked
     policy = yaml.safe_load((out / "policy.yaml").read_text())
     assert policy["triton"]["grpc"] == served["triton"].grpc_url
-    assert {r["name"] for r in policy["models"][MODEL]["profiles"]} <= {"plain", "inference"}
+    names = {r["name"] for r in policy["models"][MODEL]["profiles"]}
+    assert names and names <= {"plain", "inference"}
 
 
 @pytest.mark.triton

@@ -317,7 +317,7 @@ def ranking(results: Sequence[CombinationResult],
             max_p95_us: float | None) -> list[tuple[CombinationResult, LevelResult | None]]:
     """Best in-bound throughput first; combinations with none (or that failed) last, in run order."""
     scored = [(r, best_level(r, max_p95_us)) for r in results]
-    with_best = sorted((s for s in scored if s[1] is not None), key=lambda s: -s[1].throughput_infer_per_s)
+    with_best = sorted(((r, lv) for r, lv in scored if lv is not None), key=lambda s: -s[1].throughput_infer_per_s)
     return with_best + [s for s in scored if s[1] is None]
 
 
@@ -602,13 +602,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="closed-loop requests in flight (default 1:4)")
     parser.add_argument("--max-p95-ms", type=float, metavar="MS",
                         help="latency bound: a level counts only if its p95 is within it (default: no bound)")
-    parser.add_argument("--measurement-interval-ms", type=int, default=5000, metavar="MS", help="window length (default 5000)")
-    parser.add_argument("--warmup-s", type=float, default=2.0, metavar="S", help="load before each level's window (default 2)")
-    parser.add_argument("--windows", type=int, default=1, metavar="N", help="windows per level, the median is kept (default 1)")
+    parser.add_argument("--measurement-interval-ms", type=int, default=5000, metavar="MS",
+                        help="window length (default 5000)")
+    parser.add_argument("--warmup-s", type=float, default=2.0, metavar="S",
+                        help="load before each level's window (default 2)")
+    parser.add_argument("--windows", type=int, default=1, metavar="N",
+                        help="windows per level, the median is kept (default 1)")
     parser.add_argument("--rounds", type=int, default=1, metavar="N",
                         help="run the whole plan this many times, every other round backwards, and keep the "
                              "median per level: spreads a shared machine's drift over all combinations (default 1)")
-    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="for models with max_batch_size > 0 (default 1)")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N",
+                        help="for models with max_batch_size > 0 (default 1)")
     parser.add_argument("--reload-timeout-s", type=float, default=DEFAULT_RELOAD_TIMEOUT_S, metavar="S",
                         help=f"per reload (default {DEFAULT_RELOAD_TIMEOUT_S:g})")
     parser.add_argument("--min-gain-ratio", type=float, default=DEFAULT_MIN_GAIN_RATIO, metavar="R",
@@ -868,15 +872,18 @@ async def tune(opts: TuneOptions, ui: Ui, session: Session) -> None:
         await client.close()
 
 
-def _write_outputs(opts: TuneOptions, session: Session) -> tuple[Recommendation | None, list[str]]:
-    """results.csv, chart.png, policy.yaml, summary.md; returns the recommendation and problems."""
+def _write_outputs(opts: TuneOptions,
+                   session: Session) -> tuple[Recommendation | None, list[str], list[str]]:
+    """results.csv, chart.png, policy.yaml, summary.md; returns the recommendation, the problems
+    (the run is incomplete) and the warnings (an optional part missing; the rest was written)."""
     problems: list[str] = []
+    warnings: list[str] = []
     out = opts.out
     write_results_csv(out / "results.csv", result_rows(session.results, opts.concurrency, opts.max_p95_us))
     try:
         write_chart(out / "chart.png", opts.model, session.results, opts.max_p95_us)
     except ImportError as exc:
-        problems.append(f"chart.png not written: matplotlib is missing ({exc}); pip install 'tritonpilot[torch]'")
+        warnings.append(f"chart.png not written: matplotlib is missing ({exc}); pip install 'tritonpilot[tune]'")
     rec = None
     policy_path = out / "policy.yaml"
     policy_path.unlink(missing_ok=True)  # never leave an older run's policy beside these results
@@ -897,7 +904,7 @@ def _write_outputs(opts: TuneOptions, session: Session) -> tuple[Recommendation 
                 problems.append(f"the recommended policy does not validate, not written:\n{exc}")
                 rec = None
     (out / "summary.md").write_text(summary_markdown(opts, session, rec))
-    return rec, problems
+    return rec, problems, warnings
 
 
 def summary_markdown(opts: TuneOptions, session: Session, rec: Recommendation | None) -> str:
@@ -983,7 +990,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except Exception as exc:  # a bug or an unexpected Triton answer: the restore has run; keep what we have
         session.aborted = f"unexpected error: {exc!r}"
-    rec, problems = _write_outputs(opts, session)
+    rec, problems, output_warnings = _write_outputs(opts, session)
     ranked = text_table(RANKING_HEADER, ranking_rows(session.results, opts.max_p95_us))
     ui.report("=== ranked: best throughput within the bound ===\n"
               + "\n".join(line.rstrip() for line in ranked.splitlines()) + "\n")
@@ -994,6 +1001,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"tritonpilot tune: policy warning: {warning}", file=sys.stderr)
     for problem in problems:
         print(f"tritonpilot tune: {problem}", file=sys.stderr)
+    for warning in output_warnings:
+        print(f"tritonpilot tune: warning: {warning}", file=sys.stderr)
     failed = [r for r in session.results if not r.ok]
     for r in failed:
         print(f"tritonpilot tune: {r.combination.label}: {r.status}" + (f": {r.error}" if r.error else ""),

@@ -625,13 +625,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     d = Settings()
     parser.add_argument("--short", action="store_true",
                         help="a quick run: 25 s phases, 8 s transition (figures are noisier; targets may not hold)")
-    parser.add_argument("--low-rate", type=float, default=d.low_rate_per_s, help=f"requests/s (default {d.low_rate_per_s:g})")
-    parser.add_argument("--high-rate", type=float, default=d.high_rate_per_s, help=f"requests/s (default {d.high_rate_per_s:g})")
+    parser.add_argument("--low-rate", type=float, default=d.low_rate_per_s,
+                        help=f"requests/s (default {d.low_rate_per_s:g})")
+    parser.add_argument("--high-rate", type=float, default=d.high_rate_per_s,
+                        help=f"requests/s (default {d.high_rate_per_s:g})")
     parser.add_argument("--phase-s", type=float, help=f"seconds per phase (default {d.phase_s:g})")
     parser.add_argument("--transition-s", type=float, help=f"left out at each phase start (default {d.transition_s:g})")
     parser.add_argument("--max-instances", type=int, default=d.max_instances, help=f"default {d.max_instances}")
     parser.add_argument("--target-inflight", type=float, default=d.target_inflight_per_instance,
-                        help=f"the controller's target_inflight_per_instance (default {d.target_inflight_per_instance:g})")
+                        help="the controller's target_inflight_per_instance "
+                             f"(default {d.target_inflight_per_instance:g})")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose Controller section is written")
     parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="raw figures")

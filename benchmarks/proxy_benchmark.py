@@ -36,7 +36,8 @@ def main() -> int:
     args = parser.parse_args()
     windows, interval_ms = (1, 2000) if args.short else (3, 5000)
     work = Path(tempfile.mkdtemp(prefix="tritonpilot-proxy-bench-"))
-    with EmbeddedTriton(ROOT / "tests" / "models", load_models=["fast", "sleep"], log_path=work / "triton.log") as triton:
+    with EmbeddedTriton(ROOT / "tests" / "models", load_models=["fast", "sleep"],
+                        log_path=work / "triton.log") as triton:
         admin = grpcclient.InferenceServerClient(triton.grpc_url)
         config = admin.get_model_config("sleep", as_json=True)["config"]
         config["instance_group"][0]["count"] = 4
@@ -94,23 +95,23 @@ def _targets(outputs) -> list[tuple[str, str, bool]]:
     sleep = next(r for m, _, _, r in outputs if m == "sleep")
     fast = next(r for m, _, _, r in outputs if m == "fast")
     levels = sorted({lvl for _, lvl in sleep})
-    ratios = [_f(sleep["proxied", l], "throughput_infer_per_s") / _f(sleep["direct", l], "throughput_infer_per_s")
-              for l in levels]
-    added = [(_f(sleep["proxied", l], "p50_us") - _f(sleep["direct", l], "p50_us")) / 1000 for l in levels]
-    cpu = [(_f(r["proxied", l], "cpu_us_per_request_proxy"), _f(r["proxied", l], "cpu_us_per_request_triton"))
-           for r in (sleep, fast) for l in sorted({lvl for _, lvl in r})]
+    ratios = [_f(sleep["proxied", lvl], "throughput_infer_per_s") / _f(sleep["direct", lvl], "throughput_infer_per_s")
+              for lvl in levels]
+    added = [(_f(sleep["proxied", lvl], "p50_us") - _f(sleep["direct", lvl], "p50_us")) / 1000 for lvl in levels]
+    cpu = [(_f(r["proxied", lvl], "cpu_us_per_request_proxy"), _f(r["proxied", lvl], "cpu_us_per_request_triton"))
+           for r in (sleep, fast) for lvl in sorted({lv for _, lv in r})]
     cpu_ratio = sorted(p / t for p, t in cpu if t > 0)
-    sat = max(sorted({lvl for _, lvl in fast}), key=lambda l: _f(fast["direct", l], "throughput_infer_per_s"))
+    sat = max(sorted({lvl for _, lvl in fast}), key=lambda lvl: _f(fast["direct", lvl], "throughput_infer_per_s"))
     fast_ratio = _f(fast["proxied", sat], "throughput_infer_per_s") / _f(fast["direct", sat], "throughput_infer_per_s")
     return [
         ("proxy CPU per request <= tritonserver's (proxied runs, every level)",
          f"proxy/triton {cpu_ratio[0]:.2f} .. {cpu_ratio[-1]:.2f} (median {cpu_ratio[len(cpu_ratio) // 2]:.2f})",
          cpu_ratio[-1] <= 1.0),
         ("20 ms model, concurrency 1-8: >= 0.98 of direct throughput",
-         "min " + f"{min(ratios):.3f} (" + ", ".join(f"c{l}: {r:.3f}" for l, r in zip(levels, ratios)) + ")",
+         "min " + f"{min(ratios):.3f} (" + ", ".join(f"c{lvl}: {r:.3f}" for lvl, r in zip(levels, ratios)) + ")",
          min(ratios) >= 0.98),
         ("20 ms model, concurrency 1-8: added p50 <= 0.5 ms",
-         "max " + f"{max(added):+.2f} ms (" + ", ".join(f"c{l}: {a:+.2f}" for l, a in zip(levels, added)) + ")",
+         "max " + f"{max(added):+.2f} ms (" + ", ".join(f"c{lvl}: {a:+.2f}" for lvl, a in zip(levels, added)) + ")",
          max(added) <= 0.5),
         ("~1 ms model at saturation: >= 0.8 of direct throughput",
          f"{fast_ratio:.3f} at concurrency {sat} (direct's best level)", fast_ratio >= 0.8),

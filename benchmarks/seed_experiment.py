@@ -232,7 +232,6 @@ def render(tune_dir: Path, doc: Path) -> None:
     run = json.loads((tune_dir / "run.json").read_text())
     settings, m = run["settings"], run["machine"]
     policy = (tune_dir / "policy.yaml").read_text() if (tune_dir / "policy.yaml").exists() else None
-    bound_us = settings["max_p95_ms"] * 1000
     levels = sorted({r["concurrency"] for r in rows})
     counts = sorted({r["instances"] for r in rows})
     all_combos = combos(rows)
@@ -276,7 +275,6 @@ def render(tune_dir: Path, doc: Path) -> None:
             spreads[n] = (max(values) - min(values)) / statistics.fmean(values)
     noise = max([NOISE_FLOOR_RATIO, *spreads.values()])
 
-    single = per_count.get(1)
     c1 = cell(rows, "defaults", 1, 1)
     out: list[str] = []
     w = out.append
@@ -508,7 +506,8 @@ def _multi_paragraph(best_of: dict[tuple[str, int], dict[str, Any] | None], coun
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--doc", type=Path, default=DOC, help=f"the doc to write (default {DOC.relative_to(REPO_ROOT)})")
+    parser.add_argument("--doc", type=Path, default=DOC,
+                        help=f"the doc to write (default {DOC.relative_to(REPO_ROOT)})")
     parser.add_argument("--work", type=Path, help="work directory to keep (default: a new temp dir)")
     parser.add_argument("--render-only", type=Path, metavar="DIR",
                         help="rewrite the doc from a kept run's tune directory (WORK/tune), measuring nothing")

@@ -210,7 +210,8 @@ def observe_reload(state: State, before_bytes: int | None, after_bytes: int | No
 # Steps of `decide`
 
 class _Timed(Protocol):
-    at_s: float
+    @property
+    def at_s(self) -> float: ...  # read-only: the samples are frozen dataclasses
 
 
 _Sample = TypeVar("_Sample", bound=_Timed)
@@ -250,6 +251,7 @@ def _track(state: State, load: _Load, current: int, inflight: InflightSample, po
     up = load.above_band and load.desired > current
     panic = up and load.panic
     down = load.desired < current
+    needs: tuple[tuple[float, int], ...]
     if not down:
         down_from_s, needs = None, ()
     elif state.down_since_s is None or state.down_from_s is None:

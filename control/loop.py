@@ -69,16 +69,18 @@ class Applier(Protocol):
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         # A private registry by default: two controllers in one process (tests) must not clash.
-        kw = {"registry": registry if registry is not None else CollectorRegistry()}
+        reg = registry if registry is not None else CollectorRegistry()
         self.instances = Gauge("tritonpilot_model_instances", "Instances per model, as Triton's config says.",
-                               ["model"], **kw)
+                               ["model"], registry=reg)
         self.profile = Gauge("tritonpilot_model_profile", "1 for the profile each model runs now.",
-                             ["model", "profile"], **kw)
-        self.reloads = Counter("tritonpilot_reloads", "Reloads finished, by result.", ["model", "result"], **kw)
+                             ["model", "profile"], registry=reg)
+        self.reloads = Counter("tritonpilot_reloads", "Reloads finished, by result.", ["model", "result"],
+                               registry=reg)
         self.reload_duration = Histogram("tritonpilot_reload_duration_seconds", "Reload request to verified.",
-                                         ["model"], buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300), **kw)
+                                         ["model"], buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300),
+                                         registry=reg)
         self.decisions = Counter("tritonpilot_decisions", "Decisions per tick, by action and reason.",
-                                 ["model", "action", "reason"], **kw)
+                                 ["model", "action", "reason"], registry=reg)
 
 
 @dataclass
@@ -157,6 +159,7 @@ class Controller:
         return decisions
 
     async def _live_config(self, name: str, m: _ModelLoop, now_s: float) -> LiveConfig | None:
+        error: str | None
         try:
             config = await self.sources.live_config(name)
         except TritonError as exc:

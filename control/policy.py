@@ -458,8 +458,8 @@ def _root_causes(errors: list[Any]) -> list[Any]:
     """pydantic also says a list is too short when one of its items failed: drop that echo."""
     locs = [tuple(e["loc"]) for e in errors]
     return [e for e in errors
-            if not (e["type"] == "too_short" and any(len(l) > len(e["loc"]) and l[:len(e["loc"])] == tuple(e["loc"])
-                                                     for l in locs))]
+            if not (e["type"] == "too_short"
+                    and any(len(loc) > len(e["loc"]) and loc[:len(e["loc"])] == tuple(e["loc"]) for loc in locs))]
 
 
 def _errors_beyond(data: dict, exc: ValidationError, rounds: int = 5) -> list[str]:
@@ -676,7 +676,9 @@ def _flag_problems(path: str, key: str, value: str) -> tuple[list[str], list[str
                     "would fail the load"], []
         if number <= 0:
             return [], [f"{path}: got {value!r}; values <= 0 leave torch's thread pool as it is"]
-        if _STOI_PREFIX.match(value).end() != len(value):
+        prefix = _STOI_PREFIX.match(value)
+        assert prefix is not None  # parse_flag_int read a number, so the prefix matched
+        if prefix.end() != len(value):
             return [], [f"{path}: got {value!r}; std::stoi reads it as {number} and ignores the rest"]
         return [], []
     close = difflib.get_close_matches(key, sorted(KNOWN_FLAGS), n=1)

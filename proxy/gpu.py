@@ -112,8 +112,9 @@ class NvmlGpuSampler:
     def __init__(self, interval_s: float, nvml: ModuleType | Any | None = None,
                  clock: Clock = time.monotonic) -> None:
         if nvml is None:
-            import pynvml as nvml  # noqa: PLC0415 - optional at import time of this module
-        self._nvml = nvml
+            import pynvml  # noqa: PLC0415 - optional at import time of this module
+            nvml = pynvml
+        self._nvml: ModuleType | Any = nvml
         self._interval_s = interval_s
         self._clock = clock
         # NVML is thread-safe, but a sample running in a worker thread must not race
@@ -206,9 +207,10 @@ def make_gpu_sampler(interval_s: float, log: Any, nvml: ModuleType | Any | None 
     `nvml` defaults to importing pynvml; tests pass a fake module."""
     if nvml is None:
         try:
-            import pynvml as nvml  # noqa: PLC0415 - its absence is an expected case
+            import pynvml  # noqa: PLC0415 - its absence is an expected case
         except ImportError as exc:
             return _null_with_warning(log, f"pynvml not importable: {exc}", clock)
+        nvml = pynvml
     try:
         sampler = NvmlGpuSampler(interval_s, nvml=nvml, clock=clock)
     except Exception as exc:  # noqa: BLE001 - whatever breaks NVML, the sidecar still serves

@@ -87,6 +87,7 @@ class LocalResponder:
 
     def _refuse_inference(self, stream_id: int, head: bytes) -> bool:
         del self._waiting[stream_id]
+        assert self.stats is not None  # inference calls wait for their bytes only when there are stats
         model = None
         if len(head) >= 5 and head[0] == 0:  # uncompressed: compressed ones count as unknown
             model, _ = wire.request_model_and_id(head[5:5 + wire.HEAD_BYTES])

@@ -68,8 +68,9 @@ class ProxyCollector(Collector):
         yield from gpu_families(self._gpu_sampler.latest())
 
 
-def _proxy_families() -> list[Metric]:
-    return [
+def _proxy_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily,
+                               HistogramMetricFamily]:
+    return (
         GaugeMetricFamily("tritonpilot_inflight_requests",
                           "Requests in flight through the proxy now, per model.",
                           labels=["model"]),
@@ -82,18 +83,18 @@ def _proxy_families() -> list[Metric]:
         HistogramMetricFamily("tritonpilot_request_duration_seconds",
                               "Request latency seen by the proxy, per model.",
                               labels=["model"]),
-    ]
+    )
 
 
-def _gpu_families() -> list[Metric]:
-    return [
+def _gpu_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    return (
         GaugeMetricFamily("tritonpilot_gpu_utilization_ratio",
                           "GPU utilization, 0..1, per GPU.", labels=["gpu"]),
         GaugeMetricFamily("tritonpilot_gpu_memory_used_bytes",
                           "GPU memory used, per GPU.", labels=["gpu"]),
         GaugeMetricFamily("tritonpilot_gpu_memory_total_bytes",
                           "GPU memory in total, per GPU.", labels=["gpu"]),
-    ]
+    )
 
 
 def proxy_families(snapshot: ProxySnapshot) -> list[Metric]:

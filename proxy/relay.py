@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import hpack
 import structlog
@@ -55,6 +56,9 @@ from tritonpilot.proxy.wire import (
     MODEL_STREAM_INFER,
     grpc_status_headers,
 )
+
+if TYPE_CHECKING:
+    from tritonpilot.proxy.local import LocalResponder
 
 log = structlog.get_logger(__name__)
 
@@ -221,7 +225,7 @@ class Pair:
     def from_upstream(self, data: bytes) -> None:
         self._feed(self.u2c, data, self._upstream_frame)
 
-    def _feed(self, d: _Direction, data: bytes, on_frame: Callable[[int, int, int, bytes], bool]) -> None:
+    def _feed(self, d: _Direction, data: bytes, on_frame: Callable[[int, int, int, bytes], bool | bytes]) -> None:
         if self.closed:
             return
         d.feeding = True
@@ -235,9 +239,11 @@ class Pair:
 
     # ---- the frame loop -----------------------------------------------------------------
 
-    def _relay_frames(self, d: _Direction, data: bytes, on_frame: Callable[[int, int, int, bytes], bool]) -> None:
+    def _relay_frames(self, d: _Direction, data: bytes,
+                      on_frame: Callable[[int, int, int, bytes], bool | bytes]) -> None:
         """Forward `data` frame by frame. Unpadded DATA payloads pass as they arrive; any
-        other frame is handed to `on_frame` once whole, which says whether to forward it."""
+        other frame is handed to `on_frame` once whole, which says whether to forward it
+        (True), drop it (False) or put the frame it returns (bytes) in its place."""
         if d.buf:
             data = d.buf + data
             d.buf = b""
@@ -503,7 +509,7 @@ class Pair:
             d.data_scanner = stream.request_scanner if d is self.c2u else stream.response_scanner
 
     def _header_fragment(self, d: _Direction, ftype: int, flags: int, stream_id: int, payload: bytes,
-                         on_block: Callable[[int, list, bool], None]) -> bool:
+                         on_block: Callable[[int, list[tuple[bytes, bytes]], bool], None]) -> bool:
         if ftype == HEADERS:
             if d.in_header_block:
                 raise ProtocolViolation("HEADERS inside a header block")
@@ -517,7 +523,8 @@ class Pair:
         d.in_header_block = not flags & END_HEADERS
         if d.in_header_block:
             return True
-        headers = d.decoder.decode(d.block, raw=True)
+        # hpack annotates an Iterable (it returns a list): the handlers read the headers more than once.
+        headers: list[tuple[bytes, bytes]] = list(d.decoder.decode(d.block, raw=True))
         d.block = b""
         on_block(stream_id, headers, d.block_end_stream)
         return True
@@ -669,12 +676,14 @@ class _ClientProtocol(asyncio.Protocol):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.pair: Pair | None = None
-        self.local = None
+        self.local: LocalResponder | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # uvloop's transports don't subclass asyncio.Transport
+        self.transport = transport
         _set_keepalive(transport, self.relay.options.tcp_keepalive_s)
-        self.pair = Pair(self.relay, transport)
+        # A stream server's transport reads and writes; uvloop's don't subclass asyncio.Transport,
+        # so there is nothing to check with isinstance.
+        self.pair = Pair(self.relay, cast(asyncio.Transport, transport))
         self.relay.pairs.add(self.pair)
         self.relay.connect_upstream(self)
 

@@ -55,6 +55,7 @@ def iter_fields(buf: bytes, cut_last: bool = False):
     read (a ModelStreamInferResponse is one big field around the response).
     """
     pos, end = 0, len(buf)
+    value: int | bytes
     try:
         while pos < end:
             key, pos = _varint(buf, pos)
@@ -167,11 +168,11 @@ class MessageScanner:
     """Follows gRPC message boundaries (1-byte flag, 4-byte length, payload) through
     a stream's DATA bytes, fed in arbitrary pieces, and calls
     `on_message(head, compressed, length)` once per message with its first
-    HEAD_BYTES bytes (or all of it, if shorter)."""
+    HEAD_BYTES bytes (or all of it, if shorter); what it returns is ignored."""
 
     __slots__ = ("_prefix", "_left", "_head", "_head_want", "_compressed", "_length", "on_message")
 
-    def __init__(self, on_message: Callable[[bytes, bool, int], None]) -> None:
+    def __init__(self, on_message: Callable[[bytes, bool, int], object]) -> None:
         self.on_message = on_message
         self._prefix = b""
         self._left = 0  # payload bytes of the current message still to come

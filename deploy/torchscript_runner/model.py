@@ -44,7 +44,7 @@ import string
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -253,12 +253,13 @@ def _set_interop_threads(count: int) -> None:
 
 def apply_thread_counts(flags: BackendFlags) -> None:
     """Once per process, as the backend's std::call_once; see module doc for the default."""
-    if flags.intra_op_threads is not None and flags.intra_op_threads > 0:
-        _intra_once(lambda: torch.set_num_threads(flags.intra_op_threads))
+    intra, inter = flags.intra_op_threads, flags.inter_op_threads
+    if intra is not None and intra > 0:
+        _intra_once(lambda: torch.set_num_threads(intra))
     else:
         torch.set_num_threads(DEFAULT_INTRA_OP_THREADS)
-    if flags.inter_op_threads is not None and flags.inter_op_threads > 0:
-        _inter_once(lambda: _set_interop_threads(flags.inter_op_threads))
+    if inter is not None and inter > 0:
+        _inter_once(lambda: _set_interop_threads(inter))
 
 
 def apply_execute_flags(flags: BackendFlags) -> None:
@@ -315,16 +316,18 @@ def input_positions(config_names: list[str], forward_args: list[str]) -> list[in
     if all(name in forward_args for name in config_names):
         return [forward_args.index(name) for name in config_names]
     indices = [_named_index(name) for name in config_names]
-    if all(index is not None for index in indices):
-        return [int(index) for index in indices]
+    named = [index for index in indices if index is not None]
+    if len(named) == len(indices):
+        return named
     return list(range(len(config_names)))
 
 
 def output_positions(config_names: list[str]) -> list[int]:
     """<name>__<index> if every output follows it, else config order."""
     indices = [_named_index(name) for name in config_names]
-    if all(index is not None for index in indices):
-        return [int(index) for index in indices]
+    named = [index for index in indices if index is not None]
+    if len(named) == len(indices):
+        return named
     return list(range(len(config_names)))
 
 
@@ -370,9 +373,14 @@ class TritonPythonModel:
         if self.flags.report_flags:
             pb_utils.Logger.log_info(f"Torch flags are reported per execute for model instance '{self.model_name}'")
         path = os.path.join(args["model_repository"], args["model_version"], MODEL_FILENAME)
-        self.module = self._load(path)
+        self.module: torch.jit.ScriptModule | None = self._load(path)  # None once finalized
         self.inputs, self.outputs = self._io_specs(config)
         self.execute_count = 0
+
+    def _loaded_module(self) -> torch.jit.ScriptModule:
+        if self.module is None:
+            raise pb_utils.TritonModelException(f"model instance '{self.model_name}' is finalized")
+        return self.module
 
     def _load(self, path: str) -> torch.jit.ScriptModule:
         if not os.path.exists(path):
@@ -387,7 +395,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"failed to load model '{self.model_name}': {exc}") from None
 
     def _io_specs(self, config: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        arguments = self.module.forward.schema.arguments
+        # torch types ScriptModule.forward as a plain callable; on a loaded module it is a ScriptMethod.
+        forward = cast("torch._C.ScriptMethod", self._loaded_module().forward)
+        arguments = forward.schema.arguments
         forward_args = [a.name for a in arguments][1:]  # drop self
         config_inputs = config.get("input", [])
         config_outputs = config.get("output", [])
@@ -474,7 +484,7 @@ class TritonPythonModel:
         apply_execute_flags(self.flags)
         with torch.inference_mode(self.flags.inference_mode), torch.no_grad():
             state = observe_torch_state() if self.flags.report_flags else None
-            results = split_outputs(self.module(*args))
+            results = split_outputs(self._loaded_module()(*args))
         if state is not None:
             state["output_is_inference"] = all(t.is_inference() for t in results)
         return results, state

@@ -103,7 +103,9 @@ async def _proxy_bench(triton: EmbeddedTriton, proxy_url: str, sidecar_pid: int,
     print(f"## 1. The proxy's cost: model '{UNCONTROLLED}' (returns at once), direct vs proxied, "
           "alternating windows\n", flush=True)
     inputs = await prepare_inputs(triton.grpc_url, UNCONTROLLED)
-    cpu = {"triton": triton.pid, "proxy": sidecar_pid}
+    triton_pid = triton.pid
+    assert triton_pid is not None, "called inside the EmbeddedTriton context: tritonserver is running"
+    cpu = {"triton": triton_pid, "proxy": sidecar_pid}
     urls = [triton.grpc_url, proxy_url]
     levels: list[list] = [[], []]
     for concurrency in (1, 4):

@@ -108,7 +108,8 @@ def find_distribution() -> TritonDistribution:
     )
     for needed in (dist.binary, dist.server_dir / "backends" / "python" / "libtriton_python.so", dist.libs_dir):
         if not needed.exists():
-            raise TritonNotInstalledError(f"{_DISTRIBUTION} {version} is incomplete, {needed} is missing: {INSTALL_HINT}")
+            raise TritonNotInstalledError(
+                f"{_DISTRIBUTION} {version} is incomplete, {needed} is missing: {INSTALL_HINT}")
     return dist
 
 
@@ -174,7 +175,9 @@ def backend_dir(dist: TritonDistribution, cache_dir: Path | None = None) -> Path
 def _tree_is_complete(backends: Path) -> bool:
     python_dir = backends / "python"
     libs = backends.parent.parent.parent / "nvidia_pytriton.libs"
-    return (python_dir / "triton_python_backend_stub").exists() and (python_dir / "libtriton_python.so").exists() and libs.is_dir()
+    return ((python_dir / "triton_python_backend_stub").exists()
+            and (python_dir / "libtriton_python.so").exists()
+            and libs.is_dir())
 
 
 def _discard(tree: Path) -> None:

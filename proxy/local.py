@@ -43,6 +43,7 @@ class LocalResponder:
         # Inference calls wait for their first message bytes, so that the refusal is counted
         # under the model it was for (the bytes normally arrive with the headers).
         self._waiting: dict[int, bytes] = {}
+        self.received_bytes = 0  # the connection guard's "has it sent the preface yet"
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=False))
         self.conn.initiate_connection()
@@ -50,6 +51,7 @@ class LocalResponder:
         self._closer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
+        self.received_bytes += len(data)
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:

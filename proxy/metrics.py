@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from tritonpilot.proxy.gpu import GpuSampler, GpuSnapshot
+from tritonpilot.proxy.limits import ConnectionsSnapshot
 from tritonpilot.proxy.stats import LATENCY_BUCKETS_S, UNKNOWN_MODEL, ProxySnapshot, ProxyStats
 
 # Prometheus label values may be empty, but an empty model label reads as "no label";
@@ -126,3 +127,39 @@ def gpu_families(snapshot: GpuSnapshot) -> list[Metric]:
         used.add_metric(label, gpu.memory_used_bytes)
         total.add_metric(label, gpu.memory_total_bytes)
     return [utilization, used, total]
+
+
+class ConnectionCollector(Collector):
+    """tritonpilot_connections* series: client connections open now, and those the
+    connection limits refused or sent away (proxy/limits.py)."""
+
+    def __init__(self, snapshot: Callable[[], ConnectionsSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(_connection_families())
+
+    def collect(self) -> Iterator[Metric]:
+        yield from connection_families(self._snapshot())
+
+
+def _connection_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+    return (
+        GaugeMetricFamily("tritonpilot_connections", "Client connections open now."),
+        CounterMetricFamily("tritonpilot_connections_refused",
+                            "Client connections closed by a limit before serving them, per reason "
+                            "(max_connections, preface_timeout).", labels=["reason"]),
+        CounterMetricFamily("tritonpilot_connections_goaway",
+                            "Client connections sent a graceful GOAWAY by a limit, per reason "
+                            "(max_age, idle).", labels=["reason"]),
+    )
+
+
+def connection_families(snapshot: ConnectionsSnapshot) -> list[Metric]:
+    open_now, refused, goaway = _connection_families()
+    open_now.add_metric([], snapshot.open)
+    for reason in sorted(snapshot.refused_total):
+        refused.add_metric([reason], snapshot.refused_total[reason])
+    for reason in sorted(snapshot.goaway_total):
+        goaway.add_metric([reason], snapshot.goaway_total[reason])
+    return [open_now, refused, goaway]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -39,6 +40,9 @@ import hpack
 import structlog
 
 from tritonpilot.proxy import wire
+from tritonpilot.proxy.limits import ConnectionGuard, ConnectionLimits, Observed
+from tritonpilot.proxy.restrict import Door, Restriction
+from tritonpilot.proxy.shedding import InflightCaps, refusal_message
 from tritonpilot.proxy.stats import UNKNOWN_MODEL, ModelStats, ProxyStats
 from tritonpilot.proxy.wire import (
     GRPC_CANCELLED,
@@ -85,6 +89,15 @@ class RelayOptions:
     max_message_bytes: int | None = None
     connect_timeout_s: float = 1.0
     tcp_keepalive_s: float | None = 60.0
+    # Client connections: how many, preface deadline, idle, max age (limits.py).
+    limits: ConnectionLimits = ConnectionLimits()
+    # TLS on the client port (tls.ServerTls.listener) and to Triton; None = plaintext.
+    server_ssl: ssl.SSLContext | None = None
+    upstream_ssl: ssl.SSLContext | None = None
+    # Triton's --grpc-restricted-protocol rules, enforced here (restrict.py); () = none.
+    restricted_protocols: tuple[Restriction, ...] = ()
+    # Per-model caps on requests in flight (shedding.py); None = no cap.
+    max_inflight: InflightCaps | None = None
 
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -191,6 +204,8 @@ class Pair:
         self.relay = relay
         self.stats = relay.stats
         self.opts = relay.options
+        self.door = relay.door  # None unless protocols are restricted
+        self.caps = relay.caps  # None unless a cap is set
         self.c2u = _Direction("client->triton", len(PREFACE))
         self.u2c = _Direction("triton->client", 0)
         self.u2c.transport = client
@@ -364,6 +379,10 @@ class Pair:
         now = time.monotonic()
         if self.goaway_sent:
             return self._answer_locally(stream_id, refuse=True)
+        if self.door is not None:
+            refusal = self.door.refusal(path, headers)
+            if refusal is not None:  # Triton's own answer, before anything else is said
+                return self._answer_locally(stream_id, GRPC_UNAVAILABLE, refusal)
         if path in MODEL_CONTROL and not self.opts.allow_client_model_control:
             return self._answer_locally(stream_id, GRPC_PERMISSION_DENIED,
                                         "tritonpilot: model control is reserved for the tritonpilot "
@@ -421,10 +440,27 @@ class Pair:
     def _unary_request(self, stream: _Stream, head: bytes, compressed: bool, length: int) -> None:
         if stream.unary is not None:
             return
-        stream.unary = self.stats.model(self._model_of(stream, head, compressed), stream.started_s)
-        stream.unary.begin(time.monotonic())
+        model_stats = self.stats.model(self._model_of(stream, head, compressed), stream.started_s)
         stream.request_scanner = None  # one message per unary call: stop looking
+        if self.caps is not None and self._shed(stream, model_stats):
+            return
+        stream.unary = model_stats
+        stream.unary.begin(time.monotonic())
         self._check_size(stream, length)
+
+    def _shed(self, stream: _Stream, model_stats: ModelStats) -> bool:
+        """True (and the call answered RESOURCE_EXHAUSTED, reset upstream) when its model is at
+        its cap. The reset follows the frame being relayed, before any later frame of the call."""
+        assert self.caps is not None
+        cap = self.caps.cap(model_stats.model)
+        if cap is None or model_stats.inflight < cap:
+            return False
+        model_stats.refused(GRPC_RESOURCE_EXHAUSTED)
+        self.streams.pop(stream.stream_id, None)
+        if not self.streams:
+            self.drained.set()
+        self._answer_locally(stream.stream_id, GRPC_RESOURCE_EXHAUSTED, refusal_message(model_stats.model, cap))
+        return True
 
     def _stream_request(self, stream: _Stream, head: bytes, compressed: bool, length: int) -> None:
         if stream.stream_id in self.local_streams:
@@ -680,6 +716,9 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if not self.relay.guard.admit(self, time.monotonic()):
+            transport.close()  # over --max-connections: closed unread (counted by the guard)
+            return
         _set_keepalive(transport, self.relay.options.tcp_keepalive_s)
         # A stream server's transport reads and writes; uvloop's don't subclass asyncio.Transport,
         # so there is nothing to check with isinstance.
@@ -694,10 +733,36 @@ class _ClientProtocol(asyncio.Protocol):
             self.pair.from_client(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.guard.forget(self)
         if self.local is not None:
             self.local.connection_lost()
         if self.pair is not None:
             self.pair.close(code=GRPC_CANCELLED)  # the client went away: its calls are cancelled
+
+    # ---- what the connection guard (limits.py) sees and does -------------------------
+
+    def observe(self) -> Observed:
+        pair = self.pair
+        if pair is not None:
+            if pair.upstream_ready:
+                preface = pair.c2u.preface_left == 0
+            else:
+                preface = sum(map(len, pair.early)) >= len(PREFACE)
+            return Observed(preface, pair.max_client_stream, len(pair.streams))
+        local = self.local
+        return Observed(local is None or local.received_bytes >= len(PREFACE), 0, 0)
+
+    def goaway(self) -> None:
+        if self.pair is not None:
+            self.pair.goaway()
+        else:  # the local responder sends its own GOAWAY after each answer
+            self.transport.close()
+
+    def close(self) -> None:
+        if self.pair is not None:
+            self.pair.close(code=GRPC_UNAVAILABLE)
+        else:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         if self.pair and self.pair.c2u.transport:
@@ -746,13 +811,22 @@ class Relay:
     def __init__(self, options: RelayOptions, stats: ProxyStats) -> None:
         self.options = options
         self.stats = stats
+        self.door = Door(options.restricted_protocols) if options.restricted_protocols else None
+        caps = options.max_inflight
+        self.caps = caps if caps is not None and caps.enabled else None
         self.pairs: set[Pair] = set()
+        self.guard = ConnectionGuard(options.limits)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ClientProtocol(self), host, port, reuse_address=True)
+        tls = self.options.server_ssl
+        self._server = await loop.create_server(
+            lambda: _ClientProtocol(self), host, port, reuse_address=True, ssl=tls,
+            # A client that never finishes the handshake gets the preface's deadline.
+            ssl_handshake_timeout=(self.options.limits.preface_timeout_s or 60.0) if tls else None)
+        self.guard.start()
         return self._server.sockets[0].getsockname()[1]
 
     def connect_upstream(self, client: _ClientProtocol) -> None:
@@ -769,7 +843,7 @@ class Relay:
         try:
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: _UpstreamProtocol(pair), self.options.upstream_host,
-                                       self.options.upstream_port),
+                                       self.options.upstream_port, ssl=self.options.upstream_ssl),
                 self.options.connect_timeout_s)
         except (TimeoutError, OSError) as exc:
             if pair.closed:
@@ -793,6 +867,7 @@ class Relay:
         """Stop accepting, tell clients to go away, let open calls finish within grace_s."""
         if self._server is not None:
             self._server.close()
+        self.guard.stop()  # shutdown's own GOAWAY and grace take over
         for pair in list(self.pairs):
             pair.goaway()
         pending = [p.drained.wait() for p in list(self.pairs)]

@@ -117,6 +117,12 @@ class ModelStats:
             self.latency_sum_s += duration_s
             self.latency_count += 1
 
+    def refused(self, grpc_code: int) -> None:
+        """A request the proxy answered itself at once (e.g. shed): started and finished,
+        never in flight, and no latency that would flatter the histogram."""
+        self.started += 1
+        self.finished[grpc_code] = self.finished.get(grpc_code, 0) + 1
+
     def snapshot(self, now_s: float, reset_peak: bool) -> ModelSnapshot:
         self._advance(now_s)
         cumulative, running = [], 0

@@ -1,0 +1,42 @@
+"""Load shedding: a cap on each model's requests in flight through the proxy.
+
+A ModelInfer call whose model already has `cap` requests in flight is answered at once
+with RESOURCE_EXHAUSTED and never reaches Triton: a client that is told "busy" now can
+retry elsewhere, while one queued in Triton behind the backlog would only miss its
+deadline. The check costs a dict lookup per request, and nothing when no cap is set
+(the relay holds None then).
+
+ModelStreamInfer requests count in flight, so they take their share of the cap, but they
+are not refused yet: the relay forwards a stream's messages verbatim, and a message can
+only be kept from Triton by rewriting the stream's DATA frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class InflightCaps:
+    """`default` for every model (None: no cap), `per_model` where a model has its own."""
+
+    default: int | None = None
+    per_model: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for model, cap in [("(default)", self.default), *self.per_model.items()]:
+            if cap is not None and cap < 1:
+                raise ValueError(f"max_inflight for {model}: got {cap}; must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.default is not None or bool(self.per_model)
+
+    def cap(self, model: str) -> int | None:
+        return self.per_model.get(model, self.default)
+
+
+def refusal_message(model: str, cap: int) -> str:
+    return (f"tritonpilot: model '{model}' has {cap} requests in flight, its cap "
+            "(max_inflight); retry later or elsewhere")

@@ -8,9 +8,23 @@ READY. The loop submits and later collects results; it never awaits the RPC.
   (count, flags) that failed is not tried again for `failed_config_backoff_s`.
 - The load RPC waits up to `timeout_s` (control.reload_timeout_s) for Triton's
   answer. Without one, Triton may still finish the load, so the reload is verified
-  like any other, for up to `verify_timeout_s` more: "ok" if Triton's config and
-  readiness show the change by then, else "unverified" (backed off from like a
-  failure). Triton itself is not asked to stop.
+  like any other, for up to `verify_timeout_s` more. Triton itself is not asked to stop.
+
+Every reload ends with one `ReloadOutcome` (`tritonpilot_reloads_total{result}`):
+- "ok": Triton's own config shows the count and flags and the model is READY (also
+  when the load RPC had no answer in time but the change showed within verify_timeout_s).
+- "failed": Triton refused or failed to load the config (INVALID_ARG and the like; the
+  old model keeps serving), or another error (a bug: the error says so).
+- "timeout": no answer to the load within timeout_s, and verify_timeout_s more of
+  checking did not show the change (e.g. an in-place update blocked under load).
+- "unverified": Triton answered the load, but within verify_timeout_s its config or
+  readiness did not show the change.
+- "unavailable": Triton did not answer at all (down, restarting, a connection lost):
+  nothing is known about the config, so it is not backed off from.
+- "cancelled": the controller stopped (sidecar shutdown) while the reload was in
+  flight; Triton may still complete a load it had begun.
+"failed", "timeout" and "unverified" say something about the config itself: that
+exact (count, flags) is backed off from for failed_config_backoff_s (CONFIG_FAILURES).
 - Strategy "full" bumps a generation parameter with every change so Triton
   loads the new copy beside the old and swaps (no blocking, no dropped
   requests, briefly two copies in memory); "update" changes the count only
@@ -23,6 +37,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import structlog
 
@@ -48,16 +63,28 @@ class ReloadRequest:
         return (self.model, self.instances, tuple(sorted(self.parameters.items())))
 
 
+class ReloadOutcome(StrEnum):
+    """How a reload ended (the module docstring says when each happens)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    UNVERIFIED = "unverified"
+    UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
+
+
 # Results that say something about the config itself: it is not sent again for a while.
 # The others ("unavailable": Triton did not answer; "cancelled") say nothing about it.
-CONFIG_FAILURES: frozenset[str] = frozenset({"failed", "unverified", "timeout"})
+CONFIG_FAILURES: frozenset[ReloadOutcome] = frozenset({ReloadOutcome.FAILED, ReloadOutcome.UNVERIFIED,
+                                                       ReloadOutcome.TIMEOUT})
 
 
 @dataclass(frozen=True)
 class ReloadResult:
     request: ReloadRequest
     ok: bool
-    result: str          # "ok" | "failed" | "timeout" | "unavailable" | "unverified"
+    result: ReloadOutcome
     duration_s: float
     error: str = ""
     instances_before: int | None = None
@@ -105,9 +132,10 @@ class Actuator:
                 continue
             del self._pending[model]
             if p.task.cancelled():
-                result = ReloadResult(p.request, False, "cancelled", self.clock() - p.started_s)
+                result = ReloadResult(p.request, False, ReloadOutcome.CANCELLED, self.clock() - p.started_s,
+                                      error="the controller stopped while the reload was in flight")
             elif p.task.exception() is not None:  # a bug: report it, keep running
-                result = ReloadResult(p.request, False, "failed", self.clock() - p.started_s,
+                result = ReloadResult(p.request, False, ReloadOutcome.FAILED, self.clock() - p.started_s,
                                       error=repr(p.task.exception()))
             else:
                 result = p.task.result()
@@ -124,8 +152,8 @@ class Actuator:
     async def _reload(self, request: ReloadRequest) -> ReloadResult:
         started = self.clock()
 
-        def result(kind: str, error: str = "", before: int | None = None) -> ReloadResult:
-            return ReloadResult(request, kind == "ok", kind, self.clock() - started, error, before)
+        def result(kind: ReloadOutcome, error: str = "", before: int | None = None) -> ReloadResult:
+            return ReloadResult(request, kind is ReloadOutcome.OK, kind, self.clock() - started, error, before)
 
         try:
             live = await self.client.get_config(request.model)
@@ -133,20 +161,24 @@ class Actuator:
             generation = state.generation + 1 if request.strategy == "full" else None
             override = build_override(live, request.instances, request.parameters,
                                       request.managed_keys, generation)
+            no_answer: str | None = None
             try:
                 await self.client.load(request.model, override, self.timeout_s)
-            except LoadTimedOut:
-                pass  # Triton may still finish it (in-place updates block under load): verify
+            except LoadTimedOut as exc:
+                no_answer = str(exc)  # Triton may still finish it (in-place updates block under load): verify
             if not await self._verify(request):
-                return result("unverified", "Triton's config or readiness does not show the change",
-                              state.instances)
-            return result("ok", before=state.instances)
+                if no_answer is not None:
+                    return result(ReloadOutcome.TIMEOUT, f"{no_answer}, and Triton's config or readiness did not "
+                                  f"show the change {self.verify_timeout_s:g} s later", state.instances)
+                return result(ReloadOutcome.UNVERIFIED, "Triton answered the load, but its config or readiness "
+                              f"did not show the change within {self.verify_timeout_s:g} s", state.instances)
+            return result(ReloadOutcome.OK, before=state.instances)
         except LoadFailed as exc:
-            return result("failed", str(exc))
+            return result(ReloadOutcome.FAILED, str(exc))
         except TritonUnavailable as exc:
-            return result("unavailable", str(exc))
+            return result(ReloadOutcome.UNAVAILABLE, str(exc))
         except TritonError as exc:
-            return result("failed", str(exc))
+            return result(ReloadOutcome.FAILED, str(exc))
 
     async def _verify(self, request: ReloadRequest) -> bool:
         """Triton's own config shows the count and flags, and the model is READY."""

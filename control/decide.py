@@ -7,9 +7,16 @@ to the actuator (and the log) when `decision.changes`.
 How a decision is made (every threshold is a policy key, control/policy.py):
 
 1. No data -> hold. Without a fresh live config (the current count) or a fresh
-   in-flight sample, the decision is HOLD "no-data" and the delay clocks restart:
-   an excess we did not see cannot be said to have lasted.
-2. Load -> desired count. `ideal = inflight_mean / target_inflight_per_instance`
+   in-flight measurement (the proxy's or Triton's), the decision is HOLD "no-data"
+   and the delay clocks restart: an excess we did not see cannot be said to have lasted.
+2. Load -> desired count. The load is the larger of the two in-flight means over the
+   window: the proxy's (its exact count of the requests it relays) and Triton's
+   (Little's law on Triton's own statistics, control/signals.py), so requests that
+   reach Triton without the proxy count too; a missing or stale one is left out.
+   Panic (step 3) reads only the proxy's count: Triton's figure lags and comes in
+   bursts (a request's time is added when it completes), so without the proxy (or
+   when it sees less) a rise waits for the up delay.
+   `ideal = load / target_inflight_per_instance`
    (instances needed to hold the target); `desired = ceil(ideal)` clamped to
    [min_instances, max_instances]. At `n` instances the tolerated band is
    `n - 1 < ideal <= n x (1 + tolerance_ratio)`:
@@ -51,6 +58,13 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    Strategy: "full" always; "update" for count-only changes (a profile change needs a
    full reload); "auto" full when the memory headroom holds two copies, else update.
    Without GPU data the GPU guards cannot apply and the numbers say so.
+7. The pod-wide reload budget (`signals.budget`, shared by every model; the loop
+   fills it): a change that would start a reload while max_concurrent_reloads are in
+   progress, or while max_reloads_per_minute started in the last 60 s (a sliding
+   window), is BLOCKED "reload-budget"; it goes once a reload finishes or the oldest
+   start leaves the window (numbers: reloads_in_progress, reloads_last_minute, the
+   limits, budget_limited_by, budget_free_in_s). Last, so only a change that would
+   otherwise start a reload waits for the budget.
 
 Every decision carries `numbers`: the measurements and thresholds behind it.
 """
@@ -64,7 +78,7 @@ from enum import StrEnum
 from typing import Literal, Protocol, TypeVar
 
 from tritonpilot.control.policy import Profile, ResolvedModelPolicy
-from tritonpilot.control.signals import GpuSample, InflightSample, LiveConfig, Signals
+from tritonpilot.control.signals import RELOAD_RATE_WINDOW_S, GpuSample, LiveConfig, ReloadBudget, Signals
 
 Number = float | int | str | None
 Strategy = Literal["full", "update"]
@@ -103,6 +117,7 @@ class Reason(StrEnum):
     GPU_BOUND = "gpu-bound"
     MEMORY_HEADROOM = "memory-headroom"
     FAILED_CONFIG_BACKOFF = "failed-config-backoff"
+    RELOAD_BUDGET = "reload-budget"
 
 
 @dataclass(frozen=True)
@@ -146,7 +161,7 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
     now_s = signals.now_s
     numbers = _signal_numbers(signals, policy, state)
     config = _fresh(signals.config, now_s, policy.max_signal_age_s)
-    inflight = _fresh(signals.inflight, now_s, policy.max_signal_age_s)
+    inflight = _measured_load(signals, policy)
     if config is None or inflight is None:
         numbers["missing"] = ",".join(name for name, v in (("config", config), ("inflight", inflight)) if v is None)
         current = config.instances if config is not None else None
@@ -155,7 +170,7 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
                                  panic_since_s=None)
 
     current = config.instances
-    load = _load(inflight.inflight_mean, current, policy)
+    load = _load(inflight.inflight_mean, inflight.panic_inflight_mean, current, policy, inflight.source)
     state = _track(state, load, current, inflight, policy, now_s)
     numbers.update(_load_numbers(load, current, policy, state, now_s))
 
@@ -181,6 +196,8 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
     if isinstance(plan, Reason):
         return _blocked(policy, now_s, plan, config, load.desired, numbers, reason, stepped), state
     decided, strategy = plan
+    if _over_budget(signals.budget, now_s, numbers):
+        return _blocked(policy, now_s, Reason.RELOAD_BUDGET, config, load.desired, numbers, reason, decided), state
     decision = _decision(policy, now_s, action, reason, config, load.desired, decided, strategy, numbers)
     new_state = replace(state, changed_at_s=now_s)
     if decided < current:  # the next step down waits a whole delay again
@@ -225,26 +242,55 @@ def _fresh(sample: _Sample | None, now_s: float, max_age_s: float) -> _Sample | 
 
 
 @dataclass(frozen=True)
+class _Measured:
+    """The in-flight load the decision uses, over the window (at_s - window_s, at_s]."""
+    at_s: float
+    window_s: float
+    inflight_mean: float                # the larger of the proxy's and Triton's
+    panic_inflight_mean: float | None   # the proxy's alone; None: no proxy sample
+    source: str                         # "proxy" or "triton": whose mean it is
+
+
+def _measured_load(signals: Signals, policy: ResolvedModelPolicy) -> _Measured | None:
+    """The larger of the fresh in-flight means (module docstring, step 2); None if neither."""
+    proxy = _fresh(signals.inflight, signals.now_s, policy.max_signal_age_s)
+    triton = _fresh(signals.triton, signals.now_s, policy.max_signal_age_s)
+    triton_mean = triton.inflight_mean if triton is not None else None
+    if proxy is not None and (triton is None or triton_mean is None or proxy.inflight_mean >= triton_mean):
+        return _Measured(proxy.at_s, proxy.window_s, proxy.inflight_mean, proxy.inflight_mean, "proxy")
+    if triton is None or triton_mean is None:
+        return None
+    return _Measured(triton.at_s, triton.window_s, triton_mean,
+                     proxy.inflight_mean if proxy is not None else None, "triton")
+
+
+@dataclass(frozen=True)
 class _Load:
     ideal: float       # instances that would hold in-flight per instance at the target
     unclamped: int     # ceil(ideal), at least 1
     desired: int       # unclamped, clamped to [min, max]
     above_band: bool   # ideal > n x (1 + tolerance): up is wanted
-    panic: bool        # in-flight >= panic_threshold_ratio x n x target
+    panic: bool        # the proxy's in-flight >= panic_threshold_ratio x n x target
+    inflight_mean: float = 0.0
+    source: str = "proxy"
 
 
-def _load(inflight_mean: float, current: int, policy: ResolvedModelPolicy) -> _Load:
+def _load(inflight_mean: float, panic_inflight_mean: float | None, current: int, policy: ResolvedModelPolicy,
+          source: str = "proxy") -> _Load:
     ideal = max(0.0, inflight_mean) / policy.target_inflight_per_instance
     unclamped = max(1, math.ceil(ideal - _EPSILON))
     desired = min(policy.max_instances, max(policy.min_instances, unclamped))
+    target = policy.target_inflight_per_instance
+    panic_ideal = None if panic_inflight_mean is None else max(0.0, panic_inflight_mean) / target
     return _Load(
         ideal=ideal, unclamped=unclamped, desired=desired,
         above_band=ideal > current * (1 + policy.tolerance_ratio) + _EPSILON,
-        panic=ideal >= current * policy.panic_threshold_ratio - _EPSILON,
+        panic=panic_ideal is not None and panic_ideal >= current * policy.panic_threshold_ratio - _EPSILON,
+        inflight_mean=inflight_mean, source=source,
     )
 
 
-def _track(state: State, load: _Load, current: int, inflight: InflightSample, policy: ResolvedModelPolicy,
+def _track(state: State, load: _Load, current: int, inflight: _Measured, policy: ResolvedModelPolicy,
            now_s: float) -> State:
     """Advance the clocks: each condition's start while it holds, None once it breaks;
     and, while down holds, the needs of its samples (see `_down_target`)."""
@@ -396,6 +442,24 @@ def _fits(strategy: Strategy, current: int, count: int, gpu: GpuSample | None, p
     return gpu.memory_used_bytes + added <= gpu.memory_total_bytes - headroom
 
 
+def _over_budget(budget: ReloadBudget | None, now_s: float, numbers: dict[str, Number]) -> bool:
+    """Would one more reload now break the pod-wide budget? The numbers say how full it is."""
+    if budget is None:
+        return False
+    started = budget.started_in_window(now_s)
+    numbers.update(reloads_in_progress=budget.in_progress, max_concurrent_reloads=budget.max_concurrent,
+                   reloads_last_minute=len(started), max_reloads_per_minute=budget.max_per_minute)
+    if budget.in_progress >= budget.max_concurrent:
+        numbers["budget_limited_by"] = "max_concurrent_reloads"
+        return True
+    if budget.max_per_minute is not None and len(started) >= budget.max_per_minute:
+        numbers["budget_limited_by"] = "max_reloads_per_minute"
+        # The next start is allowed once enough of the window's starts have left it.
+        numbers["budget_free_in_s"] = started[len(started) - budget.max_per_minute] + RELOAD_RATE_WINDOW_S - now_s
+        return True
+    return False
+
+
 def _headroom_bytes(total_bytes: int, policy: ResolvedModelPolicy) -> float:
     return max(policy.gpu_memory_headroom_ratio * total_bytes, float(policy.gpu_memory_headroom_bytes))
 
@@ -435,7 +499,8 @@ def _signal_numbers(signals: Signals, policy: ResolvedModelPolicy, state: State)
         t = signals.triton
         out.update(success_count=t.success_count, fail_count=t.fail_count,
                    queue_ns_per_request=t.queue_ns_per_request,
-                   compute_infer_ns_per_request=t.compute_infer_ns_per_request)
+                   compute_infer_ns_per_request=t.compute_infer_ns_per_request,
+                   triton_inflight_mean=t.inflight_mean, triton_age_s=signals.now_s - t.at_s)
     gpu = _fresh(signals.gpu, signals.now_s, policy.max_signal_age_s)
     if gpu is None:
         out["gpu"] = "no-data"
@@ -455,6 +520,8 @@ def _load_numbers(load: _Load, current: int, policy: ResolvedModelPolicy, state:
                   now_s: float) -> dict[str, Number]:
     target = policy.target_inflight_per_instance
     out: dict[str, Number] = {
+        "load_inflight_mean": load.inflight_mean,
+        "load_source": load.source,
         "ideal_instances": load.ideal,
         "target_inflight_per_instance": target,
         "capacity_inflight": current * target,

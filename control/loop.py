@@ -4,6 +4,15 @@ Knative's shape: sources collect, `decide` decides, the actuator scales; this
 file only moves values between them, logs what changed and keeps /status.
 Every collaborator is passed in, and `tick(now_s)` is the whole loop body, so
 tests drive it with a fake clock and fake sources and never sleep.
+
+The reload budget is pod-wide, so the loop keeps it: reloads in flight (all models)
+and the times reloads started, given to each model's `decide` as `Signals.budget`.
+Within a tick the models decide one after another, the one that has waited longest
+for the budget first, and each sees the reloads the ones before it started. (It is a
+sliding-window limiter like asyncio-throttle's Throttler, but checked, not awaited:
+the Throttler sleeps until a slot frees and reads time.monotonic itself, while a tick
+must never wait, a held change must be a decision that says so, and tests run on a
+fake clock.)
 """
 
 from __future__ import annotations
@@ -19,13 +28,15 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tritonpilot.control.actuator import CONFIG_FAILURES, ReloadRequest, ReloadResult
-from tritonpilot.control.decide import Decision, State, decide, observe_reload
+from tritonpilot.control.decide import Decision, Reason, State, decide, observe_reload
 from tritonpilot.control.overrides import read_state
 from tritonpilot.control.policy import ResolvedModelPolicy
 from tritonpilot.control.signals import (
+    RELOAD_RATE_WINDOW_S,
     GpuSample,
     InflightSample,
     LiveConfig,
+    ReloadBudget,
     ReloadRecord,
     Signals,
     TritonCounters,
@@ -96,14 +107,19 @@ class _ModelLoop:
     memory_before_bytes: int | None = None
     decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     config_error: str | None = None
+    budget_wait_since_s: float | None = None  # held by the reload budget since (first in line next)
 
 
 class Controller:
     def __init__(self, policies: Mapping[str, ResolvedModelPolicy], sources: Sources, applier: Applier,
                  *, interval_s: float = 1.0, dry_run: bool = False, registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 max_concurrent_reloads: int = 1, max_reloads_per_minute: int | None = 6) -> None:
         self.models = {name: _ModelLoop(p) for name, p in policies.items()}
+        self.max_concurrent_reloads = max_concurrent_reloads
+        self.max_reloads_per_minute = max_reloads_per_minute
+        self._reload_starts: deque[float] = deque()  # when submitted reloads started, the last window's
         self.sources = sources
         self.applier = applier
         self.interval_s = interval_s
@@ -129,6 +145,9 @@ class Controller:
 
     async def close(self) -> None:
         await self.applier.close()
+        # Reloads cut short by the stop are reported ("cancelled"): Triton may still finish them.
+        for result in self.applier.collect():
+            self._finished(result, self.clock())
         close_sources = getattr(self.sources, "close", None)
         if close_sources is not None:
             await close_sources()
@@ -145,18 +164,41 @@ class Controller:
         reads = await asyncio.gather(*(
             asyncio.gather(self._live_config(name, m, now_s), self._triton(name, m, now_s))
             for name, m in self.models.items()))
-        decisions = []
-        for (name, m), (config, triton) in zip(self.models.items(), reads):
+        read = {name: r for name, r in zip(self.models, reads)}
+        decisions: dict[str, Decision] = {}
+        for name in self._budget_order():
+            m = self.models[name]
+            config, triton = read[name]
             inflight = (inflight_sample(prev.models.get(name), prev.now_s, snapshot.models.get(name), now_s)
                         if prev is not None else None)
             signals = Signals(now_s=now_s, inflight=inflight, config=config, triton=triton, gpu=gpu,
-                              reload_pending=self.applier.pending(name) is not None, last_reload=m.last_reload)
+                              reload_pending=self.applier.pending(name) is not None, last_reload=m.last_reload,
+                              budget=self._budget(now_s))
             decision, m.state = decide(signals, m.policy, m.state)
-            decisions.append(decision)
+            decisions[name] = decision
             self._record(m, decision, inflight)
-            if decision.changes:
-                self._apply(m, decision, gpu)
-        return decisions
+            if decision.reason is Reason.RELOAD_BUDGET:
+                m.budget_wait_since_s = m.budget_wait_since_s if m.budget_wait_since_s is not None else now_s
+            else:
+                m.budget_wait_since_s = None
+            if decision.changes and self._apply(m, decision, gpu):
+                self._reload_starts.append(now_s)
+        return [decisions[name] for name in self.models]
+
+    def _budget_order(self) -> list[str]:
+        """Models that wait for the reload budget first, longest wait first; then the rest in order."""
+        def key(name: str) -> tuple[bool, float]:
+            since = self.models[name].budget_wait_since_s
+            return (since is None, since if since is not None else 0.0)
+
+        return sorted(self.models, key=key)  # stable: the rest keep their order
+
+    def _budget(self, now_s: float) -> ReloadBudget:
+        while self._reload_starts and self._reload_starts[0] <= now_s - RELOAD_RATE_WINDOW_S:
+            self._reload_starts.popleft()
+        in_progress = sum(self.applier.pending(name) is not None for name in self.models)
+        return ReloadBudget(in_progress=in_progress, max_concurrent=self.max_concurrent_reloads,
+                            recent_starts_s=tuple(self._reload_starts), max_per_minute=self.max_reloads_per_minute)
 
     async def _live_config(self, name: str, m: _ModelLoop, now_s: float) -> LiveConfig | None:
         error: str | None
@@ -187,13 +229,15 @@ class Controller:
             stats = None
         if stats is None:
             return None
-        counters = TritonCounters(stats.success_count, stats.fail_count, stats.queue_ns, stats.compute_infer_ns)
+        counters = TritonCounters(stats.success_count, stats.fail_count, stats.queue_ns, stats.compute_infer_ns,
+                                  stats.success_ns, stats.fail_ns)
         sample = (triton_sample(m.prev_counters, counters, m.prev_counters_s, now_s)
                   if m.prev_counters_s is not None else None)
         m.prev_counters, m.prev_counters_s = counters, now_s
         return sample
 
-    def _apply(self, m: _ModelLoop, decision: Decision, gpu: GpuSample | None) -> None:
+    def _apply(self, m: _ModelLoop, decision: Decision, gpu: GpuSample | None) -> bool:
+        """Submit the decision's reload (log it in a dry run); whether a reload started."""
         assert decision.decided_instances is not None and decision.profile is not None
         event = dict(model=decision.model, action=str(decision.action), reason=str(decision.reason),
                      instances=f"{decision.current_instances} -> {decision.decided_instances}",
@@ -201,7 +245,7 @@ class Controller:
                      strategy=decision.strategy, dry_run=self.dry_run, **_loggable(decision.numbers))
         if self.dry_run:
             log.info("controller.decision", **event)
-            return
+            return False
         request = ReloadRequest(model=decision.model, instances=decision.decided_instances,
                                 profile=decision.profile.name, parameters=dict(decision.profile.parameters),
                                 managed_keys=m.policy.managed_parameter_keys,
@@ -212,23 +256,24 @@ class Controller:
         (log.info if submitted else log.debug)("controller.decision", **event, submitted=submitted)
         if submitted:
             m.memory_before_bytes = gpu.memory_used_bytes if gpu is not None else None
+        return submitted
 
     def _finished(self, result: ReloadResult, now_s: float) -> None:
         m = self.models.get(result.request.model)
         name = result.request.model
-        self.metrics.reloads.labels(name, result.result).inc()
+        self.metrics.reloads.labels(name, str(result.result)).inc()
         self.metrics.reload_duration.labels(name).observe(result.duration_s)
         if m is None:
             return
         record = ReloadRecord(finished_s=now_s, duration_s=result.duration_s, ok=result.ok,
                               instances=result.request.instances, profile=result.request.profile)
-        m.last_reload_report = {**asdict(record), "result": result.result, "error": result.error or None}
+        m.last_reload_report = {**asdict(record), "result": str(result.result), "error": result.error or None}
         # A reload Triton never answered says nothing about the config: decide would back off
         # from it as failed, so it keeps the previous record and retries after the cooldown.
         if result.ok or result.result in CONFIG_FAILURES:
             m.last_reload = record
         (log.info if result.ok else log.warning)(
-            "controller.reload", model=name, result=result.result, instances=result.request.instances,
+            "controller.reload", model=name, result=str(result.result), instances=result.request.instances,
             profile=result.request.profile, duration_s=round(result.duration_s, 3), error=result.error or None)
         if result.ok and result.instances_before is not None:
             gpu = _gpu_sample(self.sources.gpu())
@@ -251,6 +296,13 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dry_run": self.dry_run, "interval_s": self.interval_s, "models": {}}
+        now_s = self.clock()
+        budget = self._budget(now_s)
+        out["reload_budget"] = {"in_progress": budget.in_progress, "max_concurrent_reloads": budget.max_concurrent,
+                                "started_last_minute": len(budget.started_in_window(now_s)),
+                                "max_reloads_per_minute": budget.max_per_minute,
+                                "waiting": [n for n in self._budget_order()
+                                            if self.models[n].budget_wait_since_s is not None]}
         for name, m in self.models.items():
             pending = self.applier.pending(name)
             out["models"][name] = {

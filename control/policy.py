@@ -21,6 +21,7 @@ Facts about the flags: docs/triton-notes.md.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 import typing
@@ -44,6 +45,8 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from tritonpilot.proxy.restrict import RestrictionError, parse_restriction, parse_restrictions
 
 # ---------------------------------------------------------------------------------------
 # PyTorch-backend flags (values are Triton `parameters` string_values)
@@ -130,6 +133,22 @@ def _instances_range(value: Any) -> tuple[int, int | None]:
     return (lo, hi)
 
 
+def _restriction(value: str) -> str:
+    try:
+        parse_restriction(value)
+    except RestrictionError as exc:
+        raise PydanticCustomError("restricted_protocol", "{rule}", {"rule": exc.rule}) from None
+    return value
+
+
+def _restrictions(value: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        parse_restrictions(value)
+    except RestrictionError as exc:
+        raise PydanticCustomError("restricted_protocols", "{rule}", {"rule": exc.rule}) from None
+    return value
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -147,6 +166,7 @@ HttpUrl = Annotated[StrictStr, AfterValidator(_check_http_url)]
 Count = Annotated[StrictInt, Field(ge=1)]
 PositiveSeconds = Annotated[StrictFloat, Field(gt=0)]
 Seconds = Annotated[StrictFloat, Field(ge=0)]
+FilePath = Annotated[StrictStr, Field(min_length=1)]  # read (and checked) by `serve` at start
 Bytes = Annotated[StrictInt, Field(ge=0)]
 ProfileName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
 InstancesRange = Annotated[tuple[int, int | None], BeforeValidator(_instances_range)]
@@ -198,6 +218,17 @@ class TritonSection(_Frozen):
     grpc: HostPort = "127.0.0.1:8001"
     # Triton's Prometheus endpoint: GPU data when NVML is not visible to the sidecar.
     metrics_url: HttpUrl | None = None
+    # Triton serves TLS: the sidecar connects with TLS and verifies Triton's certificate
+    # against this PEM CA file (null: plaintext to Triton).
+    tls_ca: FilePath | None = None
+
+
+class TlsSection(_Frozen):
+    """TLS on the client port; the files are re-read on SIGHUP."""
+
+    cert: FilePath  # PEM certificate (chain)
+    key: FilePath   # its PEM private key
+    client_ca: FilePath | None = None  # set: clients must present a certificate it signed (mTLS)
 
 
 class ProxySection(_Frozen):
@@ -208,6 +239,23 @@ class ProxySection(_Frozen):
     allow_client_model_control: StrictBool = False
     # On SIGTERM, how long open calls may finish before they are closed.
     grace_period_s: Seconds = 30.0
+    tls: TlsSection | None = None  # null: plaintext clients
+    # Client connections (null: off): past max_connections, new ones are closed unread; one
+    # that has not sent the HTTP/2 preface (and finished TLS) within preface_timeout_s is
+    # closed; one with no call for idle_timeout_s, or older than max_connection_age_s
+    # (+-10% jitter), gets a graceful GOAWAY, and is closed max_connection_age_grace_s later
+    # if calls are still open.
+    max_connections: Count | None = None
+    preface_timeout_s: PositiveSeconds | None = 10.0
+    idle_timeout_s: PositiveSeconds | None = None
+    max_connection_age_s: PositiveSeconds | None = None
+    max_connection_age_grace_s: Seconds = 30.0
+    # Triton's --grpc-restricted-protocol rules ("GROUPS:KEY=VALUE"), enforced by the proxy.
+    restricted_protocols: Annotated[tuple[Annotated[StrictStr, AfterValidator(_restriction)], ...],
+                                    AfterValidator(_restrictions)] = ()
+    # Every model's cap on requests in flight through the proxy (null: no cap);
+    # models.<name>.max_inflight overrides it.
+    max_inflight: Count | None = None
 
 
 class MetricsSection(_Frozen):
@@ -222,12 +270,16 @@ class ControlSection(_Frozen):
     # auto: full where the GPU memory headroom holds two copies, else update.
     reload_strategy: ReloadStrategy = "full"
     # How long the load RPC waits for Triton's answer. Without one, the reload is verified
-    # from Triton's config for up to 30 s more, then reported "unverified" and backed off from.
+    # from Triton's config for up to 30 s more, then reported "timeout" and backed off from.
     reload_timeout_s: PositiveSeconds = 120.0
     # After a failed load, that exact config (count + profile) is not retried for this long.
     failed_config_backoff_s: Seconds = 300.0
     # A signal older than this is "no data". Must be >= interval_s.
     max_signal_age_s: PositiveSeconds = 5.0
+    # The pod-wide reload budget, across all models: reloads in progress at once, and
+    # reloads started in any 60 s (null: unlimited). A change held by it is "reload-budget".
+    max_concurrent_reloads: Count = 1
+    max_reloads_per_minute: Count | None = 6
 
 
 class LoggingSection(_Frozen):
@@ -265,7 +317,8 @@ class ModelSettings(_Frozen):
 
 
 class ModelOverride(_Frozen):
-    """`models.<name>`: any `defaults` key; absent (or null) keys come from `defaults`."""
+    """`models.<name>`: any `defaults` key; absent (or null) keys come from `defaults`. Plus
+    max_inflight, the proxy's cap, whose default is `proxy.max_inflight`."""
 
     min_instances: Count | None = None
     max_instances: Count | None = None
@@ -281,6 +334,8 @@ class ModelOverride(_Frozen):
     gpu_memory_headroom_ratio: Annotated[StrictFloat, Field(ge=0, lt=1)] | None = None
     gpu_memory_headroom_bytes: Bytes | None = None
     profiles: Profiles | None = None
+    # This model's cap on requests in flight through the proxy (else proxy.max_inflight).
+    max_inflight: Count | None = None
 
 
 def _empty_as_default(value: Any) -> Any:
@@ -651,6 +706,7 @@ def _semantic_problems(policy: Policy) -> tuple[list[str], list[str]]:
     errors += _range_problems(policy)
     errors += _thread_count_conflicts(policy, sources)
     warnings += _process_global_conflicts(policy)
+    warnings += _cap_below_scaling(policy)
     if not policy.models:
         warnings.append("models: got {}; no model is controlled: the sidecar only proxies "
                         "(list models under `models` to tune them)")
@@ -778,6 +834,25 @@ def _shadowed_rules(source: _ProfileSource) -> list[str]:
             out.append(f"{source.path}[{i}].instances: got {_show(list(profile.instances))}; rule "
                        f"{profile.name!r} never wins: earlier rules take every count it holds")
     return out
+
+
+def _cap_below_scaling(policy: Policy) -> list[str]:
+    """The controller scales up only past n x target x (1 + tolerance) in flight, and the proxy
+    never lets in-flight pass the cap: a cap below that at max_instances hides the load it needs."""
+    warnings = []
+    for name, resolved in resolve(policy).items():
+        own = policy.models[name].max_inflight
+        cap = own if own is not None else policy.proxy.max_inflight
+        if cap is None:
+            continue
+        needed = math.ceil(resolved.max_instances * resolved.target_inflight_per_instance
+                           * (1 + resolved.tolerance_ratio))
+        if cap < needed:
+            path = f"models.{name}.max_inflight" if own is not None else "proxy.max_inflight"
+            warnings.append(f"{path}: got {cap}; below models.{name}'s max_instances x target_inflight_per_instance "
+                            f"x (1 + tolerance_ratio) = {needed}: in flight never passes the cap, so the "
+                            f"controller may never scale {name} up to max_instances; use >= {needed}")
+    return warnings
 
 
 def _thread_count_conflicts(policy: Policy, sources: list[_ProfileSource]) -> list[str]:

@@ -12,7 +12,14 @@ model per tick; `control.decide.decide` reads nothing else. Conventions:
 
 Two pure helpers turn cumulative counters into these samples, so the sources stay
 thin: `inflight_sample` (from two `proxy.stats.ModelSnapshot`s) and `triton_sample`
-(from two cumulative `TritonCounters`, handling the reset a full reload causes).
+(from two cumulative `TritonCounters`, handling the reset a full reload or a Triton
+restart causes).
+
+The load seen inside Triton is Little's law on its cumulative statistics: the total
+time requests spent in Triton (`inference_stats` success.ns + fail.ns) grows by the
+mean number of requests inside it times the elapsed time. Triton adds a request's
+time when it completes, so over windows shorter than a request this lags and comes
+in bursts; the proxy's own count is exact (control/decide.py says how they combine).
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ class TritonSample:
     fail_count: int
     queue_ns_per_request: float | None          # None when no request finished in the window
     compute_infer_ns_per_request: float | None
+    # Mean requests inside Triton over the window (Little's law on success.ns + fail.ns);
+    # None: not measured.
+    inflight_mean: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,25 @@ class Signals:
     gpu: GpuSample | None = None        # None: no GPU data (e.g. a CPU-only Triton)
     reload_pending: bool = False        # a reload of this model is in flight
     last_reload: ReloadRecord | None = None
+    budget: ReloadBudget | None = None  # the pod-wide reload budget; None: unlimited
+
+
+# A sliding window, as asyncio-throttle's Throttler keeps one, with time passed in.
+RELOAD_RATE_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class ReloadBudget:
+    """The pod-wide reload budget at one moment: reloads of every model count against it."""
+
+    in_progress: int                         # reloads in flight, all models together
+    max_concurrent: int                      # control.max_concurrent_reloads
+    recent_starts_s: tuple[float, ...] = ()  # when reloads started (any model), at least the last window's
+    max_per_minute: int | None = None        # control.max_reloads_per_minute; None: unlimited
+
+    def started_in_window(self, now_s: float) -> tuple[float, ...]:
+        """The starts inside the rate window (now - 60 s, now], oldest first."""
+        return tuple(sorted(t for t in self.recent_starts_s if now_s - RELOAD_RATE_WINDOW_S < t <= now_s))
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,22 +165,35 @@ class TritonCounters:
     fail_count: int
     queue_ns: int           # inference_stats.queue.ns
     compute_infer_ns: int   # inference_stats.compute_infer.ns
+    success_ns: int = 0     # inference_stats.success.ns: total time of the requests that succeeded
+    fail_ns: int = 0        # inference_stats.fail.ns
+
+    def went_down_from(self, prev: TritonCounters) -> bool:
+        """Some counter is lower than before: Triton restarted them (a full reload, a restart)."""
+        return any(getattr(self, f) < getattr(prev, f) for f in (
+            "success_count", "fail_count", "queue_ns", "compute_infer_ns", "success_ns", "fail_ns"))
 
 
 def triton_sample(prev: TritonCounters | None, cur: TritonCounters, prev_s: float,
                   now_s: float) -> TritonSample | None:
-    """Deltas between two reads. A full reload restarts Triton's counters at zero: when
-    any counter went down, the current values are the delta since the restart."""
+    """Deltas between two reads. A full reload or a Triton restart restarts the counters at
+    zero: when any counter went down, the current values are the delta since the restart
+    (which lies inside the window), so a reset gives neither a negative value nor the
+    whole history as one spike.
+
+    `inflight_mean` is Little's law: the growth of the total request time (success.ns +
+    fail.ns) over the window's length, the mean number of requests inside Triton.
+    """
     window_s = now_s - prev_s
     if prev is None or window_s <= 0:
         return None
-    reset = (cur.success_count < prev.success_count or cur.fail_count < prev.fail_count
-             or cur.queue_ns < prev.queue_ns or cur.compute_infer_ns < prev.compute_infer_ns)
-    base = TritonCounters(0, 0, 0, 0) if reset else prev
+    base = TritonCounters(0, 0, 0, 0) if cur.went_down_from(prev) else prev
     success = cur.success_count - base.success_count
+    request_ns = (cur.success_ns - base.success_ns) + (cur.fail_ns - base.fail_ns)
     return TritonSample(
         at_s=now_s, window_s=window_s, success_count=success,
         fail_count=cur.fail_count - base.fail_count,
         queue_ns_per_request=(cur.queue_ns - base.queue_ns) / success if success else None,
         compute_infer_ns_per_request=(cur.compute_infer_ns - base.compute_infer_ns) / success if success else None,
+        inflight_mean=request_ns / 1e9 / window_s,
     )

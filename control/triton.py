@@ -41,6 +41,8 @@ class StatsSample:
     queue_ns: int
     compute_infer_ns: int
     last_inference_ms: int
+    success_ns: int = 0     # total time of the requests that succeeded (inference_stats.success.ns)
+    fail_ns: int = 0        # and of those that failed: with success_ns, Little's law for the load
 
 
 _UNAVAILABLE_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
@@ -128,4 +130,6 @@ class TritonClient:
             queue_ns=_int(s, "inference_stats", "queue", "ns"),
             compute_infer_ns=_int(s, "inference_stats", "compute_infer", "ns"),
             last_inference_ms=_int(s, "last_inference"),
+            success_ns=_int(s, "inference_stats", "success", "ns"),
+            fail_ns=_int(s, "inference_stats", "fail", "ns"),
         )

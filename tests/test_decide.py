@@ -18,9 +18,11 @@ from tritonpilot.control.signals import (
     GpuSample,
     InflightSample,
     LiveConfig,
+    ReloadBudget,
     ReloadRecord,
     Signals,
     TritonCounters,
+    TritonSample,
     inflight_sample,
     triton_sample,
 )
@@ -52,6 +54,7 @@ class Sim:
     interval_s: float = 1.0
     gpu: GpuSample | None = None
     fail_reloads: bool = False
+    triton_load: Load = None  # mean requests inside Triton (its statistics); None: no Triton sample
     now_s: float = 0.0
     state: State = field(default_factory=State)
     last_reload: ReloadRecord | None = None
@@ -69,8 +72,12 @@ class Sim:
             at_s=self.now_s, window_s=self.interval_s, inflight_now=round(inflight_mean),
             inflight_mean=inflight_mean, inflight_max=math.ceil(inflight_mean))
         gpu = replace(self.gpu, at_s=self.now_s) if self.gpu is not None else None
+        triton_mean = self.triton_load(self.instances) if callable(self.triton_load) else self.triton_load
+        triton = None if triton_mean is None else TritonSample(
+            at_s=self.now_s, window_s=self.interval_s, success_count=0, fail_count=0, queue_ns_per_request=None,
+            compute_infer_ns_per_request=None, inflight_mean=triton_mean)
         signals = Signals(now_s=self.now_s, inflight=inflight,
-                          config=LiveConfig(self.now_s, self.instances, dict(self.parameters)),
+                          config=LiveConfig(self.now_s, self.instances, dict(self.parameters)), triton=triton,
                           gpu=gpu, reload_pending=self._pending is not None, last_reload=self.last_reload)
         decision, self.state = decide(signals, self.policy, self.state)
         if decision.changes:
@@ -588,3 +595,111 @@ def test_triton_sample_takes_deltas_and_survives_the_reset_of_a_full_reload() ->
     idle = triton_sample(b, b, 1.0, 2.0)
     assert idle.success_count == 0 and idle.queue_ns_per_request is None
     assert triton_sample(None, b, 0.0, 1.0) is None
+
+
+def test_triton_sample_is_littles_law_on_the_total_request_time() -> None:
+    a = TritonCounters(success_count=100, fail_count=0, queue_ns=0, compute_infer_ns=0, success_ns=10 * 10**9)
+    # 2 s later: 150 more requests, 6 s more request time (5 s succeeded, 1 s failed): 3 inside on average.
+    b = TritonCounters(success_count=250, fail_count=2, queue_ns=3 * 10**9, compute_infer_ns=2 * 10**9,
+                       success_ns=15 * 10**9, fail_ns=10**9)
+    s = triton_sample(a, b, 0.0, 2.0)
+    assert s.inflight_mean == 3.0 and s.queue_ns_per_request == 2e7  # 3 s of queueing over 150 requests
+    assert triton_sample(b, b, 2.0, 3.0).inflight_mean == 0.0  # idle is data
+
+
+def test_a_full_reload_or_a_triton_restart_gives_no_negative_value_and_no_spike() -> None:
+    long_history = TritonCounters(success_count=10**6, fail_count=5, queue_ns=10**12, compute_infer_ns=10**13,
+                                  success_ns=4 * 10**13, fail_ns=10**9)
+    # Counters restarted within the window (a full reload's new model object, or Triton restarted):
+    # only the time since then counts, never minus the history, never the whole history at once.
+    restarted = TritonCounters(success_count=20, fail_count=0, queue_ns=10**8, compute_infer_ns=4 * 10**8,
+                               success_ns=5 * 10**8)
+    s = triton_sample(long_history, restarted, 10.0, 11.0)
+    assert (s.success_count, s.fail_count, s.inflight_mean) == (20, 0, 0.5)
+    # Only the request time went down (the counts happened to grow past the old ones): still a reset.
+    busy = replace(restarted, success_count=2 * 10**6, fail_count=6, queue_ns=2 * 10**12, compute_infer_ns=2 * 10**13)
+    assert triton_sample(long_history, busy, 10.0, 11.0).inflight_mean == 0.5
+
+
+@PROPERTY_SETTINGS
+@given(steps=st.lists(st.tuples(st.floats(0.0, 20.0), st.one_of(st.none(), st.floats(0.0, 1.0))),
+                      min_size=1, max_size=30))
+def test_littles_law_never_reads_negative_or_above_the_true_load(steps: list[tuple[float, float | None]]) -> None:
+    """Each second, `level` requests are inside Triton; at a reset (counters back to zero) a
+    fraction of that second came after it. The sample lies in [0, level] whatever the resets."""
+    prev = TritonCounters(0, 0, 0, 0)
+    for i, (level, reset_at) in enumerate(steps):
+        ns = round(level * 1e9)
+        if reset_at is None:
+            cur = replace(prev, success_count=prev.success_count + 1, success_ns=prev.success_ns + ns)
+        else:
+            cur = TritonCounters(success_count=0, fail_count=0, queue_ns=0, compute_infer_ns=0,
+                                 success_ns=round(ns * reset_at))
+        sample = triton_sample(prev, cur, float(i), float(i + 1))
+        assert sample is not None and -1e-9 <= sample.inflight_mean <= level + 1e-6
+        prev = cur
+
+
+def test_the_load_is_the_larger_of_the_proxys_and_tritons_in_flight() -> None:
+    # Clients that skip the proxy: Triton sees 3 inside, the proxy 0.5. Triton's figure decides ...
+    sim = Sim(instances=1, triton_load=3.0)
+    d = sim.expect(at=4, load=0.5, want=1, reason=Reason.WAITING_UP_DELAY)
+    assert (d.numbers["load_source"], d.numbers["load_inflight_mean"], d.numbers["inflight_mean"]) == (
+        "triton", 3.0, 0.5)
+    # ... but not panic (3 >= 2 x 1): only the proxy's exact count does; the up delay applies.
+    assert d.numbers["panic_at_inflight"] == 2.0 and "panic_for_s" not in d.numbers
+    d = sim.expect(at=5, load=0.5, want=3, action=Action.SCALE_UP, reason=Reason.INFLIGHT_ABOVE_TARGET)
+    # The proxy seeing more (Triton's figure lags): the proxy's count decides, and panics.
+    sim = Sim(instances=1, triton_load=1.0)
+    d = sim.expect(at=1, load=8.0, want=4, action=Action.PANIC_UP, reason=Reason.PANIC)
+    assert (d.numbers["load_source"], d.numbers["triton_inflight_mean"]) == ("proxy", 1.0)
+
+
+def test_either_measurement_alone_is_enough_and_neither_is_no_data() -> None:
+    sim = Sim(instances=2, triton_load=2.0)
+    d = sim.expect(at=0, load=None, want=2, reason=Reason.WITHIN_BAND)  # the proxy's sample missing
+    assert d.numbers["load_source"] == "triton"
+    sim.triton_load = None
+    d = sim.expect(at=1, load=None, want=2, action=Action.HOLD, reason=Reason.NO_DATA)
+    assert d.numbers["missing"] == "inflight"
+    # Closed-loop clients straight to Triton keep 2.4 inside it whatever the count: up once, then steady.
+    sim = Sim(instances=1, triton_load=2.4)
+    sim.expect(at=5, load=0.2, want=3, action=Action.SCALE_UP)
+    sim.expect(at=200, load=0.2, want=3, reason=Reason.WITHIN_BAND)
+    assert len(sim.changes()) == 1
+
+
+def test_a_stale_triton_sample_is_left_out() -> None:
+    stale = TritonSample(at_s=0.0, window_s=1.0, success_count=0, fail_count=0, queue_ns_per_request=None,
+                         compute_infer_ns_per_request=None, inflight_mean=9.0)
+    signals = Signals(now_s=10.0, inflight=InflightSample(10.0, 1.0, 1, 1.0, 1), config=LiveConfig(10.0, 1, SINGLE),
+                      triton=stale)
+    d, _ = decide(signals, POLICY, State())
+    assert (d.reason, d.numbers["load_source"], d.numbers["load_inflight_mean"]) == (Reason.WITHIN_BAND, "proxy", 1.0)
+
+
+def _panicking(budget: ReloadBudget | None, **signals: object) -> Decision:
+    """A model at 1 instance with 8 in flight for longer than the panic window."""
+    state = State(up_since_s=0.0, panic_since_s=0.0)
+    sig = Signals(now_s=100.0, inflight=InflightSample(100.0, 1.0, 8, 8.0, 8), config=LiveConfig(100.0, 1, SINGLE),
+                  budget=budget, **signals)  # type: ignore[arg-type]
+    return decide(sig, POLICY, state)[0]
+
+
+def test_the_reload_budget_holds_a_change_and_says_why() -> None:
+    free = ReloadBudget(in_progress=0, max_concurrent=1, recent_starts_s=(30.0, 95.0), max_per_minute=6)
+    d = _panicking(free)
+    assert d.action is Action.PANIC_UP and d.numbers["reloads_last_minute"] == 1  # 30 is outside (40, 100]
+    busy = _panicking(replace(free, in_progress=1))
+    assert (busy.action, busy.reason, busy.decided_instances) == (Action.BLOCKED, Reason.RELOAD_BUDGET, 1)
+    assert busy.numbers["budget_limited_by"] == "max_concurrent_reloads" and busy.numbers["wanted_instances"] == 4
+    capped = _panicking(ReloadBudget(in_progress=0, max_concurrent=4, recent_starts_s=(41.0, 70.0, 99.0),
+                                     max_per_minute=2))
+    assert (capped.reason, capped.numbers["reloads_last_minute"]) == (Reason.RELOAD_BUDGET, 3)
+    assert capped.numbers["budget_limited_by"] == "max_reloads_per_minute"
+    assert capped.numbers["budget_free_in_s"] == 30.0  # 41 and 70 must leave: at 130 only 99 is left
+    unlimited = _panicking(replace(free, recent_starts_s=(99.0,) * 50, max_per_minute=None))
+    assert unlimited.action is Action.PANIC_UP
+    assert _panicking(None).action is Action.PANIC_UP  # no budget given: unlimited
+    # Other gates come first: they say more about this model than the pod-wide budget does.
+    assert _panicking(replace(free, in_progress=1), reload_pending=True).reason is Reason.RELOAD_PENDING

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from tritonpilot.control.actuator import Actuator, ReloadRequest, ReloadResult
+from tritonpilot.control.actuator import CONFIG_FAILURES, Actuator, ReloadOutcome, ReloadRequest, ReloadResult
 from tritonpilot.control.decide import Action, Decision, Reason
 from tritonpilot.control.loop import Controller
 from tritonpilot.control.overrides import build_override, matches, read_state
@@ -73,8 +73,11 @@ class FakeTriton:
     """Triton as TritonClient shows it: configs, readiness, loads, statistics.
 
     - `hold`: when set, loads wait for it (a reload stays pending until the test opens it);
+      `gates[model]`: the same for one model's loads;
     - `reject`: config -> Triton's error message for a config it fails to load, or None;
-    - `down`: every RPC fails as TritonUnavailable; `stats_error`: statistics fail alone.
+    - `apply_loads`: False: Triton answers every load OK but keeps the old config;
+    - `down`: every RPC fails as TritonUnavailable; `stats_error`: statistics fail alone;
+    - `request_ns[model]`: the model's cumulative success.ns (tests advance it: Little's law).
     """
 
     def __init__(self, configs: Mapping[str, dict[str, Any]]) -> None:
@@ -86,6 +89,9 @@ class FakeTriton:
         self.stats_error: TritonError | None = None
         self.load_error: TritonError | None = None
         self.success_count = 0
+        self.gates: dict[str, asyncio.Event] = {}
+        self.apply_loads = True
+        self.request_ns: dict[str, int] = {}
 
     def _check_up(self, what: str) -> None:
         if self.down:
@@ -106,12 +112,15 @@ class FakeTriton:
         self.loads.append((model, copy.deepcopy(config)))
         if self.hold is not None:
             await self.hold.wait()
+        if model in self.gates:
+            await self.gates[model].wait()
         if self.load_error is not None:
             raise self.load_error
         error = self.reject(config) if self.reject is not None else None
         if error:
             raise LoadFailed(error)  # the old config keeps serving, as in Triton
-        self.configs[model] = copy.deepcopy(config)
+        if self.apply_loads:
+            self.configs[model] = copy.deepcopy(config)
 
     async def statistics(self, model: str) -> StatsSample | None:
         self._check_up(f"reading statistics of {model!r}")
@@ -120,7 +129,8 @@ class FakeTriton:
         self.success_count += 10
         return StatsSample(inference_count=self.success_count, execution_count=self.success_count,
                            success_count=self.success_count, fail_count=0, queue_ns=self.success_count * 1000,
-                           compute_infer_ns=self.success_count * 20_000_000, last_inference_ms=0)
+                           compute_infer_ns=self.success_count * 20_000_000, last_inference_ms=0,
+                           success_ns=self.request_ns.get(model, 0))
 
 
 class FakeSources:
@@ -615,7 +625,7 @@ async def test_stopping_the_loop_cancels_a_pending_reload_and_closes_its_sources
 
 
 @scenario
-async def test_a_load_without_an_answer_is_verified_for_verify_timeout_s_then_reported_unverified() -> None:
+async def test_a_load_without_an_answer_is_verified_for_verify_timeout_s_then_reported_timeout() -> None:
     clock = FakeClock()
     triton = FakeTriton({MODEL: model_config()})
     triton.load_error = LoadTimedOut(f"loading {MODEL!r}: no answer within 60 s")  # and the config never changes
@@ -637,9 +647,246 @@ async def test_a_load_without_an_answer_is_verified_for_verify_timeout_s_then_re
             break
         await asyncio.sleep(0)
     (result,) = results
-    assert (result.ok, result.result, result.instances_before) == (False, "unverified", 1)
+    assert (result.ok, result.result, result.instances_before) == (False, "timeout", 1)
+    assert result.error == f"loading {MODEL!r}: no answer within 60 s, and Triton's config or readiness did not " \
+                           "show the change 30 s later"
     assert clock.now_s == pytest.approx(30.0) and set(slept) == {0.25}  # polled every 0.25 s of fake time
-    assert not actuator.submit(request)  # "unverified" is backed off from like a failed load
+    assert not actuator.submit(request)  # "timeout" is backed off from like a failed load
+
+
+# ------------------------------------------------------------------------------ every reload result
+
+
+async def _one_reload(triton: FakeTriton, *, model: str = MODEL, stop_first: bool = False) -> ReloadResult:
+    """One reload through the real actuator on fake time (verify polls take no real time)."""
+    clock = FakeClock()
+
+    async def fake_sleep(seconds: float) -> None:
+        clock.now_s += seconds
+        await asyncio.sleep(0)
+
+    actuator = Actuator(triton, timeout_s=60.0, verify_timeout_s=30.0, clock=clock,  # type: ignore[arg-type]
+                        sleep=fake_sleep)
+    request = ReloadRequest(model=model, instances=2, profile="multi", parameters=MULTI,
+                            managed_keys=frozenset(MULTI), strategy="full")
+    assert actuator.submit(request)
+    await settle()
+    if stop_first:
+        await actuator.close()  # what the controller does when the sidecar stops
+    for _ in range(10_000):
+        results = actuator.collect()
+        if results:
+            (result,) = results
+            # The config itself is backed off from exactly when the result says something about it.
+            assert actuator.in_backoff(request, clock.now_s) is (result.result in CONFIG_FAILURES)
+            return result
+        await asyncio.sleep(0)
+    raise AssertionError("the reload never finished")
+
+
+def _triton_that(setup: Callable[[FakeTriton], None]) -> FakeTriton:
+    triton = FakeTriton({MODEL: model_config()})
+    setup(triton)
+    return triton
+
+
+def _set(**attributes: Any) -> Callable[[FakeTriton], None]:
+    return lambda triton: [setattr(triton, k, v) for k, v in attributes.items()] and None
+
+
+# Each way a reload can end, the fake Triton behaviour that causes it, and what the error says.
+RELOAD_ENDINGS = [
+    ("ok", _set(), None, ""),
+    ("failed", _set(reject=lambda config: TRITONS_MESSAGE), None, TRITONS_MESSAGE),
+    ("failed", _set(), "absent", "Request for unknown model"),  # any other Triton error
+    ("timeout", _set(load_error=LoadTimedOut(f"loading {MODEL!r}: no answer within 60 s"), apply_loads=False),
+     None, "no answer within 60 s, and Triton's config or readiness did not show the change 30 s later"),
+    ("unverified", _set(apply_loads=False), None,
+     "Triton answered the load, but its config or readiness did not show the change within 30 s"),
+    ("unavailable", _set(down=True), None, "failed to connect to all addresses"),
+    ("cancelled", lambda triton: setattr(triton, "hold", asyncio.Event()), None,
+     "the controller stopped while the reload was in flight"),
+]
+
+
+@pytest.mark.parametrize(("outcome", "setup", "model", "error"), RELOAD_ENDINGS,
+                         ids=[f"{o}-{i}" for i, (o, *_) in enumerate(RELOAD_ENDINGS)])
+def test_every_reload_result_is_produced_with_its_error(outcome: str, setup: Any, model: str | None,
+                                                        error: str) -> None:
+    triton = _triton_that(setup)
+    result = asyncio.run(_one_reload(triton, model=model or MODEL, stop_first=outcome == "cancelled"))
+    assert (result.result, result.ok) == (outcome, outcome == "ok")
+    assert error in result.error and (result.error == "") is (outcome == "ok")
+    if outcome == "ok":
+        assert read_state(triton.configs[MODEL]).instances == 2 and result.instances_before == 1
+
+
+def test_the_reload_results_listed_are_the_ones_produced() -> None:
+    assert {o for o, *_ in RELOAD_ENDINGS} == set(ReloadOutcome)
+    assert CONFIG_FAILURES == {ReloadOutcome.FAILED, ReloadOutcome.TIMEOUT, ReloadOutcome.UNVERIFIED}
+
+
+@scenario
+async def test_a_reload_that_never_shows_is_unverified_counted_and_backed_off_from() -> None:
+    loop = Loop(policy=policy(failed_config_backoff_s=100.0))
+    loop.triton.apply_loads = False  # Triton says OK, its config stays at one instance
+    loop.actuator.verify_timeout_s = 0.0  # one look after the load
+    with capture_logs() as logs:
+        await loop.expect(at=2, inflight=8.0, instances=1, action=Action.PANIC_UP)  # to 4
+        await loop.expect(at=3, inflight=8.0, instances=1, reason=Reason.COOLDOWN)
+    assert loop.metric("tritonpilot_reloads_total", model=MODEL, result="unverified") == 1
+    (reload,) = events(logs, "controller.reload")
+    assert (reload["log_level"], reload["result"]) == ("warning", "unverified")
+    assert loop.controller.status()["models"][MODEL]["last_reload"]["result"] == "unverified"
+    # 4 instances with the multi profile is backed off from: after the cooldown, 3 is tried.
+    d = await loop.expect(at=13, inflight=8.0, instances=1, action=Action.PANIC_UP)
+    assert d.decided_instances == 3 and d.numbers["limited_by"] == "failed-config-backoff"
+    assert [read_state(c).instances for _, c in loop.triton.loads] == [4, 3]
+
+
+# ------------------------------------------------------------------------------ the reload budget
+
+
+@dataclass
+class Pod:
+    """Several models behind one controller, the real actuator, a fake Triton and a fake clock;
+    `load[model]` is each model's in flight, `starts` when each model's reloads were sent."""
+
+    models: tuple[str, ...] = ("a", "b")
+    max_concurrent_reloads: int = 1
+    max_reloads_per_minute: int | None = 6
+
+    def __post_init__(self) -> None:
+        self.clock = FakeClock()
+        self.triton = FakeTriton({name: model_config() for name in self.models})
+        self.sources = FakeSources(self.triton)
+        self.actuator = Actuator(self.triton, clock=self.clock)  # type: ignore[arg-type]
+        self.registry = CollectorRegistry()
+        self.controller = Controller({name: policy(model=name) for name in self.models}, self.sources,
+                                     self.actuator, registry=self.registry, clock=self.clock,
+                                     max_concurrent_reloads=self.max_concurrent_reloads,
+                                     max_reloads_per_minute=self.max_reloads_per_minute)
+        self.load: dict[str, float] = {name: 0.5 for name in self.models}
+        self.decisions: list[dict[str, Decision]] = []
+        self.starts: list[tuple[str, float]] = []
+
+    async def run(self, until: float) -> dict[str, Decision]:
+        while self.clock.now_s <= until + 1e-9:
+            self.sources.inflight.update(self.load)
+            sent = len(self.triton.loads)
+            decisions = dict(zip(self.models, await self.controller.tick(self.clock.now_s)))
+            self.decisions.append(decisions)
+            await settle()  # the reload tasks started this tick send their loads
+            self.starts += [(model, self.clock.now_s) for model, _ in self.triton.loads[sent:]]
+            self.clock.now_s += 1.0
+        return self.decisions[-1]
+
+    def instances(self, model: str) -> int:
+        return read_state(self.triton.configs[model]).instances
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        text = generate_latest(self.registry).decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text)
+                for s in family.samples}.get((name, tuple(sorted(labels.items()))))
+
+
+@scenario
+async def test_two_models_wanting_a_reload_at_once_take_turns() -> None:
+    pod = Pod()
+    pod.triton.gates["a"] = asyncio.Event()  # a's reload stays in progress until the test opens it
+    pod.load.update(a=8.0, b=8.0)
+    d = await pod.run(until=2)  # both panic at 2: only a starts
+    assert (d["a"].action, d["b"].action, d["b"].reason) == (Action.PANIC_UP, Action.BLOCKED, Reason.RELOAD_BUDGET)
+    assert pod.starts == [("a", 2.0)]
+    assert d["b"].numbers["wanted"] == "panic" and d["b"].numbers["wanted_instances"] == 4
+    assert (d["b"].numbers["reloads_in_progress"], d["b"].numbers["max_concurrent_reloads"]) == (1, 1)
+    assert d["b"].numbers["budget_limited_by"] == "max_concurrent_reloads"
+    d = await pod.run(until=20)
+    assert d["b"].reason is Reason.RELOAD_BUDGET and pod.starts == [("a", 2.0)]
+    status = pod.controller.status()
+    assert status["reload_budget"]["in_progress"] == 1 and status["reload_budget"]["waiting"] == ["b"]
+    held = [e for e in status["models"]["b"]["decisions"] if e["reason"] == "reload-budget"]
+    assert held and held[-1]["numbers"]["reloads_in_progress"] == 1
+    pod.triton.gates["a"].set()  # a's reload finishes after the tick at 20, collected at 21
+    await settle()
+    d = await pod.run(until=21)
+    assert d["b"].action is Action.PANIC_UP and pod.starts == [("a", 2.0), ("b", 21.0)]
+    await pod.run(until=22)
+    assert (pod.instances("a"), pod.instances("b")) == (4, 4)
+    assert pod.metric("tritonpilot_decisions_total", model="b", action="blocked", reason="reload-budget") == 19
+    assert pod.controller.status()["reload_budget"]["waiting"] == []
+
+
+@scenario
+async def test_the_model_that_waited_longest_for_the_budget_goes_next() -> None:
+    pod = Pod(models=("a", "b", "c"))
+    pod.triton.gates["b"] = asyncio.Event()
+    pod.load.update(b=8.0, c=8.0)
+    await pod.run(until=5)  # b starts at 2; c waits from 2
+    pod.load["a"] = 8.0     # a wants from 7 on: it waits too, but after c
+    await pod.run(until=10)
+    assert pod.controller.status()["reload_budget"]["waiting"] == ["c", "a"]
+    pod.triton.gates["b"].set()
+    await settle()
+    await pod.run(until=11)
+    assert pod.starts == [("b", 2.0), ("c", 11.0)]  # not a, though a comes first in the policy
+    await pod.run(until=12)
+    assert pod.starts == [("b", 2.0), ("c", 11.0), ("a", 12.0)]
+
+
+@scenario
+async def test_the_reload_rate_cap_holds_over_any_60_s() -> None:
+    pod = Pod(models=("a", "b", "c"), max_concurrent_reloads=3, max_reloads_per_minute=2)
+    pod.load.update(a=8.0, b=8.0, c=8.0)
+    d = await pod.run(until=2)
+    assert pod.starts == [("a", 2.0), ("b", 2.0)]
+    assert (d["c"].action, d["c"].reason) == (Action.BLOCKED, Reason.RELOAD_BUDGET)
+    assert d["c"].numbers["budget_limited_by"] == "max_reloads_per_minute"
+    assert (d["c"].numbers["reloads_last_minute"], d["c"].numbers["max_reloads_per_minute"]) == (2, 2)
+    assert d["c"].numbers["budget_free_in_s"] == 60.0
+    d = await pod.run(until=61)
+    assert d["c"].reason is Reason.RELOAD_BUDGET and d["c"].numbers["budget_free_in_s"] == 1.0
+    d = await pod.run(until=62)  # the starts at 2 have left the window (62 - 60, 62]
+    assert d["c"].action is Action.PANIC_UP and pod.starts[-1] == ("c", 62.0)
+    # Now all three change their minds at once: the cap still holds in every window.
+    pod.load.update(a=0.2, b=0.2, c=0.2)
+    await pod.run(until=300)
+    times = [t for _, t in pod.starts]
+    assert len(times) == 6 and all(sum(t - 60 < u <= t for u in times) <= 2 for t in times)
+    assert all(pod.instances(m) == 1 for m in pod.models)
+
+
+@scenario
+async def test_stopping_with_a_reload_in_flight_reports_it_cancelled() -> None:
+    loop = Loop()
+    loop.triton.hold = asyncio.Event()
+    await loop.expect(at=2, inflight=8.0, instances=1, action=Action.PANIC_UP)
+    with capture_logs() as logs:
+        await loop.controller.close()
+    assert loop.metric("tritonpilot_reloads_total", model=MODEL, result="cancelled") == 1
+    (reload,) = events(logs, "controller.reload")
+    assert (reload["log_level"], reload["result"], reload["instances"]) == ("warning", "cancelled", 4)
+    assert loop.controller.status()["models"][MODEL]["last_reload"]["result"] == "cancelled"
+
+
+# ------------------------------------------------------------------------------ load inside Triton
+
+
+@scenario
+async def test_load_sent_straight_to_triton_scales_up_from_its_statistics() -> None:
+    loop = Loop()
+    # The proxy sees nothing; Triton's success.ns grows 3 s per second: 3 requests inside it on average.
+    with capture_logs():
+        for _ in range(8):
+            loop.triton.request_ns[MODEL] = loop.triton.request_ns.get(MODEL, 0) + 3_000_000_000
+            await loop.tick(0.0)
+            loop.clock.now_s += 1
+    ups = loop.changes()
+    assert [(d.now_s, d.action, d.decided_instances) for d in ups] == [(6.0, Action.SCALE_UP, 3)]
+    d = ups[0]
+    assert (d.numbers["load_source"], d.numbers["load_inflight_mean"]) == ("triton", 3.0)
+    assert d.numbers["triton_inflight_mean"] == 3.0 and d.numbers["inflight_mean"] == 0.0
+    assert loop.live_instances() == 3
 
 
 # ------------------------------------------------------------------------------ GPU memory
@@ -678,8 +925,11 @@ async def test_status_is_plain_json_with_policy_counts_profile_pending_and_decis
     loop.triton.hold = asyncio.Event()
     await loop.run(until=13, inflight=8.0)  # collected at 3; the next step (to 3) is pending from 13
     status = json.loads(json.dumps(loop.controller.status()))  # no default=: only JSON types
-    assert set(status) == {"dry_run", "interval_s", "models"}
+    assert set(status) == {"dry_run", "interval_s", "models", "reload_budget"}
     assert (status["dry_run"], status["interval_s"]) == (False, 1.0)
+    # Pod-wide: the reload to 3 in progress; two started within the last minute (2 and 13).
+    assert status["reload_budget"] == {"in_progress": 1, "max_concurrent_reloads": 1, "started_last_minute": 2,
+                                       "max_reloads_per_minute": 6, "waiting": []}
     m = status["models"][MODEL]
     assert set(m) == {"policy", "instances", "profile", "config_error", "pending_reload", "last_reload",
                       "memory_per_instance_bytes", "decisions"}

@@ -9,12 +9,15 @@ what tritonpilot claims.
 2. A profile whose flag value Triton rejects, applied to a TorchScript runner model (the
    Python `sleep` model ignores PyTorch flags): the model keeps serving, the controller
    keeps running and reports Triton's refusal.
+3. `tritonpilot serve --no-proxy`, with clients sent straight to Triton: the controller
+   reads the load from Triton's own statistics (Little's law) and scales the model up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -366,3 +369,49 @@ def test_a_flag_value_triton_rejects_keeps_the_model_serving_and_the_controller_
 def _decisions_total(metrics_url: str) -> float:
     return sum(v for (name, labels), v in scrape(metrics_url + "/metrics").items()
                if name == "tritonpilot_decisions_total" and ("model", "lin") in labels)
+
+
+# ------------------------------------------------------------------------------ --no-proxy
+
+
+@pytest.mark.timeout(180)
+def test_no_proxy_scales_up_on_load_sent_straight_to_triton(
+        triton_factory: Callable[..., EmbeddedTriton], serve_factory: Callable[..., Any], tmp_path: Path) -> None:
+    triton = triton_factory(load_models=["sleep"])
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(SLEEP_POLICY)
+    serve = serve_factory(triton.grpc_url, "--policy", str(policy_path), "--no-proxy")
+    with pytest.raises(ConnectionRefusedError):  # no client listener
+        socket.create_connection(("127.0.0.1", serve.port), timeout=2).close()
+    watcher = ConfigWatcher(triton.grpc_url, "sleep")
+    load = LoadWorkers(triton.grpc_url, "sleep", sleep_inputs, workers=8, output="OUTPUT0")  # not via the proxy
+    try:
+        # The first reload (the single profile) is a full reload: Triton's counters restart at zero.
+        wait_until(lambda: (o := watcher.latest()) and flags(o.parameters) == {"INFERENCE_MODE": "true"},
+                   what="the single profile at start", interval_s=0.1)
+        load.level = 8
+        step_up_s = time.monotonic()
+        up = wait_until(lambda: next((o for o in watcher.since(step_up_s) if o.instances >= 2), None),
+                        timeout_s=30.0, interval_s=0.05, what=">= 2 instances in Triton's config within 30 s")
+        status = wait_until(lambda: (s := get_json(serve.metrics_url + "/status")["models"]["sleep"])[
+            "pending_reload"] is None and s["last_reload"]["instances"] >= 2 and s, interval_s=0.2,
+            what="the controller to record the scale-up")
+    finally:
+        load.stop()
+        watcher.stop()
+
+    assert load.failures == [], (load.failures[:5], serve.log()[-4000:])
+    assert up.at_s - step_up_s <= 30.0
+    ups = [d for d in status["decisions"] if d["action"] in ("scale_up", "panic_up")]
+    assert ups and ups[0]["current_instances"] == 1 and ups[0]["decided_instances"] >= 2, status["decisions"]
+    numbers = ups[0]["numbers"]
+    # The proxy saw nothing; Triton's own statistics carried the load (8 clients, one 20 ms instance).
+    assert numbers["inflight_mean"] == 0 and numbers["load_source"] == "triton", numbers
+    assert numbers["triton_inflight_mean"] == numbers["load_inflight_mean"] > 2, numbers
+    assert numbers["queue_ns_per_request"] > 0
+    # Without the proxy's count there is no panic: the up delay applied.
+    assert ups[0]["reason"] == "inflight-above-target" and numbers["up_for_s"] >= 2
+    for entry in status["decisions"]:  # no negative or runaway value through the reloads' resets
+        value = entry["numbers"].get("triton_inflight_mean")
+        assert value is None or 0 <= value <= 16, entry
+    assert status["last_reload"]["result"] == "ok"

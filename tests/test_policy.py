@@ -44,6 +44,8 @@ def test_the_shipped_example_loads_and_resolves() -> None:
     assert policy.proxy.listen == "0.0.0.0:8101"
     assert policy.metrics.listen == "127.0.0.1:9101"
     assert policy.control.interval_s == 1 and policy.control.dry_run is False
+    assert (policy.control.max_concurrent_reloads, policy.control.max_reloads_per_minute) == (1, 6)
+    assert parse_policy({"control": {"max_reloads_per_minute": None}}).control.max_reloads_per_minute is None
     assert policy_warnings(policy) == []
     resolved = resolve(policy)
     assert list(resolved) == ["license_plate_restoration"]
@@ -85,7 +87,8 @@ def test_model_overrides_merge_over_defaults_key_by_key() -> None:
 
 
 def test_override_keys_are_exactly_the_default_keys() -> None:
-    assert set(ModelOverride.model_fields) == set(ModelSettings.model_fields)
+    # max_inflight is the proxy's: its default is proxy.max_inflight, for every model.
+    assert set(ModelOverride.model_fields) - {"max_inflight"} == set(ModelSettings.model_fields)
 
 
 def test_policy_objects_are_frozen() -> None:
@@ -111,12 +114,20 @@ def test_policy_objects_are_frozen() -> None:
     ("control: {dry_run: 3}", "control.dry_run: got 3; must be true or false"),
     ("control: {reload_strategy: fast}",
      "control.reload_strategy: got 'fast'; must be one of 'full', 'update' or 'auto'"),
+    ("control: {max_concurrent_reloads: 0}", "control.max_concurrent_reloads: got 0; must be >= 1"),
+    ("control: {max_reloads_per_minute: 0}", "control.max_reloads_per_minute: got 0; must be >= 1"),
+    ("control: {max_reloads_per_minute: 2.5}", "control.max_reloads_per_minute: got 2.5; must be an integer"),
     ("logging: {format: xml}", "logging.format: got 'xml'; must be one of 'console' or 'json'"),
     ("triton: {grpc: localhost}",
      "triton.grpc: got 'localhost'; must be HOST:PORT with a port in 1..65535, e.g. 127.0.0.1:8001"),
     ("proxy: {listen: '0.0.0.0:99999'}", "proxy.listen: got '0.0.0.0:99999'; must be HOST:PORT"),
     ("triton: {metrics_url: '127.0.0.1:8002'}", "triton.metrics_url: got '127.0.0.1:8002'; must be an http://"),
     ("proxy: {max_message_bytes: 0}", "proxy.max_message_bytes: got 0; must be >= 1"),
+    ("proxy: {max_connections: 0}", "proxy.max_connections: got 0; must be >= 1"),
+    ("proxy: {idle_timeout_s: -1}", "proxy.idle_timeout_s: got -1; must be > 0"),
+    ("proxy: {tls: {cert: a.pem}}", "proxy.tls.key: missing; required"),
+    ("proxy: {tls: {cert: a, key: b, ca: c}}",
+     "proxy.tls.ca: got 'c'; unknown key; allowed here: cert, key, client_ca"),
     ("models: {a: {max_instance: 2}}",
      "models.a.max_instance: got 2; unknown key; did you mean max_instances? allowed here: min_instances"),
     ("control: {intervall_s: 1}", "control.intervall_s: got 1; unknown key; did you mean interval_s?"),
@@ -421,6 +432,14 @@ def test_check_prints_warnings_and_fails_on_them_only_with_strict(
     assert main(["check", str(path)]) == 0
     assert "FOO is not a PyTorch-backend flag" in capsys.readouterr().err
     assert main(["check", "--strict", str(path)]) == 2
+
+
+def test_check_prints_the_pod_wide_reload_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "budget.yaml"
+    path.write_text("control: {max_concurrent_reloads: 2, max_reloads_per_minute: null}\nmodels: {m: {}}\n")
+    assert main(["check", str(path)]) == 0
+    assert "reload budget, all models together: at most 2 in progress, unlimited started per minute" in (
+        capsys.readouterr().out.splitlines())
 
 
 def test_check_example_validates_the_shipped_example_and_prints_its_path(capsys: pytest.CaptureFixture[str]) -> None:

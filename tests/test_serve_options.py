@@ -46,7 +46,7 @@ def test_every_option_has_its_environment_variable_in_help(capsys: pytest.Captur
         cli.main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     dests = [a.dest for a in serve._options()._actions]
-    assert len(dests) == 11
+    assert len(dests) == 23
     for dest in dests:
         assert f"env {serve.env_name(dest)}" in text, dest
     assert "Precedence: option > environment > policy file > default." in text
@@ -66,6 +66,13 @@ def test_precedence_flag_over_environment_over_policy_over_default(policy: Path)
     # flag over environment
     config = _resolve(("--policy", str(policy), "--triton", "flag-host:3"), env)
     assert (config.triton, config.grace_period_s) == ("flag-host:3", 3.0)
+
+
+def test_no_proxy_from_the_flag_or_the_environment() -> None:
+    assert SidecarConfig().proxy_enabled is True and _resolve((), {}).proxy_enabled is True
+    assert _resolve(("--no-proxy",), {}).proxy_enabled is False
+    assert _resolve((), {"TRITONPILOT_NO_PROXY": "true"}).proxy_enabled is False
+    assert _resolve((), {"TRITONPILOT_NO_PROXY": "false"}).proxy_enabled is True
 
 
 def test_the_policy_file_itself_can_come_from_the_environment(policy: Path) -> None:

@@ -53,6 +53,9 @@ def print_policy(policy: Policy, source: str, out: TextIO) -> None:
     print(f"control: every {_n(c.interval_s)}s, reload strategy {c.reload_strategy}, "
           f"reload timeout {_n(c.reload_timeout_s)}s, failed config backoff {_n(c.failed_config_backoff_s)}s"
           + (", DRY RUN (decides and logs, never reloads)" if c.dry_run else ""), file=out)
+    per_minute = "unlimited" if c.max_reloads_per_minute is None else f"at most {c.max_reloads_per_minute}"
+    print(f"reload budget, all models together: at most {c.max_concurrent_reloads} in progress, "
+          f"{per_minute} started per minute", file=out)
     resolved = resolve(policy)
     if not resolved:
         print("no models under `models`: nothing is reloaded, every model is only proxied", file=out)

@@ -6,8 +6,8 @@ Both import this module, never each other's internals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tritonpilot.proxy.gpu import GpuSampler
@@ -25,13 +25,31 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
 class SidecarConfig:
     triton: str = "127.0.0.1:8001"
     listen: str = "0.0.0.0:8101"
+    # False (--no-proxy): no client listener, only the controller and metrics; clients stay on Triton's ports.
+    proxy_enabled: bool = True
     metrics_listen: str = "127.0.0.1:9101"
     triton_metrics_url: str | None = None
     allow_client_model_control: bool = False
     max_message_bytes: int | None = None
+    # Triton's GROUPS:KEY=VALUE restrictions, enforced by the proxy (proxy/restrict.py).
+    restricted_protocols: tuple[str, ...] = ()
+    # Requests in flight per model past which the proxy sheds (proxy/shedding.py); None: no cap.
+    max_inflight: int | None = None
+    model_max_inflight: Mapping[str, int] = field(default_factory=dict)
     grace_period_s: float = 30.0
     connect_timeout_s: float = 1.0
     tcp_keepalive_s: float | None = 60.0
+    # TLS on the client port (cert + key; client_ca: mTLS) and to Triton (its CA); None = plaintext.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    triton_tls_ca: str | None = None
+    # Client connection limits (proxy/limits.py); None = off.
+    max_connections: int | None = None
+    preface_timeout_s: float | None = 10.0
+    idle_timeout_s: float | None = None
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 30.0
     gpu_interval_s: float = 1.0
     log_format: str = "console"
     log_level: str = "INFO"

@@ -27,9 +27,13 @@ from tritonpilot import exits
 from tritonpilot.logs import configure_logging
 from tritonpilot.proxy.gpu import GpuSampler, NullGpuSampler, TritonMetricsGpuSource, make_gpu_sampler
 from tritonpilot.proxy.http import MetricsServer
-from tritonpilot.proxy.metrics import ProxyCollector, new_registry
+from tritonpilot.proxy.limits import ConnectionLimits
+from tritonpilot.proxy.metrics import ConnectionCollector, ProxyCollector, new_registry
 from tritonpilot.proxy.relay import Relay, RelayOptions
+from tritonpilot.proxy.restrict import SYNTAX, RestrictionError, groups_text, parse_restrictions
+from tritonpilot.proxy.shedding import InflightCaps
 from tritonpilot.proxy.stats import ProxyStats
+from tritonpilot.proxy.tls import ServerTls, TlsError, TlsFiles, server_context, upstream_context
 from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig, parse_host_port
 
 log = structlog.get_logger(__name__)
@@ -43,16 +47,24 @@ class Sidecar:
         self.config = config
         self.stats = ProxyStats()
         host, port = parse_host_port(config.triton, "--triton")
+        # Raises TlsError (naming the option) for files that can't be used: run() checks first.
+        self.tls = ServerTls(tls_files(config)) if config.tls_cert else None
+        upstream_ssl = upstream_context(config.triton_tls_ca) if config.triton_tls_ca else None
         self.relay = Relay(RelayOptions(
             upstream_host=host, upstream_port=port,
             allow_client_model_control=config.allow_client_model_control,
             max_message_bytes=config.max_message_bytes,
             connect_timeout_s=config.connect_timeout_s,
-            tcp_keepalive_s=config.tcp_keepalive_s), self.stats)
+            tcp_keepalive_s=config.tcp_keepalive_s,
+            limits=connection_limits(config),
+            server_ssl=self.tls.listener if self.tls else None,
+            upstream_ssl=upstream_ssl,
+            restricted_protocols=parse_restrictions(config.restricted_protocols),
+            max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight))), self.stats)
         self.gpu: GpuSampler = make_gpu_sampler(config.gpu_interval_s, log)
         if isinstance(self.gpu, NullGpuSampler) and config.triton_metrics_url:
             self.gpu = TritonMetricsGpuSource(config.triton_metrics_url, interval_s=config.gpu_interval_s)
-        collectors: list[Any] = [ProxyCollector(self.stats, self.gpu)]
+        collectors: list[Any] = [ProxyCollector(self.stats, self.gpu), ConnectionCollector(self.relay.guard.snapshot)]
         self.registry = new_registry(collectors)
         self.controller = controller_factory(self.stats, self.gpu, self.registry) if controller_factory else None
         mhost, mport = parse_host_port(config.metrics_listen, "--metrics-listen")
@@ -60,7 +72,12 @@ class Sidecar:
                                      self.controller.status if self.controller else None)
         # /readyz must notice Triton's return within seconds, not after grpc's default
         # reconnect backoff (up to 120 s): cap it.
-        self._channel = grpc.aio.insecure_channel(config.triton, options=RECONNECT_OPTIONS)
+        if config.triton_tls_ca:
+            with open(config.triton_tls_ca, "rb") as ca:
+                credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+            self._channel = grpc.aio.secure_channel(config.triton, credentials, options=RECONNECT_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(config.triton, options=RECONNECT_OPTIONS)
         self._tasks: list[asyncio.Task] = []
         self.port: int | None = None
         self.stopping = asyncio.Event()
@@ -77,12 +94,14 @@ class Sidecar:
 
     async def start(self) -> None:
         host, port = parse_host_port(self.config.listen, "--listen")
-        self.port = await self.relay.start(host, port)
+        if self.config.proxy_enabled:  # --no-proxy: controller and metrics only, no client listener
+            self.port = await self.relay.start(host, port)
         await self.metrics.start()
         self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-sampler"))
         if self.controller is not None:
             self._tasks.append(asyncio.create_task(self.controller.run(), name="controller"))
-        log.info("sidecar.started", listen=f"{host}:{self.port}", triton=self.config.triton,
+        log.info("sidecar.started", listen=f"{host}:{self.port}" if self.port is not None else None,
+                 triton=self.config.triton,
                  metrics=f"{self.config.metrics_listen.rpartition(':')[0]}:{self.metrics.port}",
                  controller=self.controller is not None)
 
@@ -98,11 +117,25 @@ class Sidecar:
         await self._channel.close()
         log.info("sidecar.stopped")
 
+    def reload_tls(self) -> None:
+        """SIGHUP: new client connections use the certificate files as they are now; open ones
+        keep theirs. Files that can't be used leave the previous certificate in place."""
+        if self.tls is None:
+            return
+        try:
+            self.tls.reload()
+        except TlsError as exc:
+            log.error("sidecar.tls_reload_failed", error=str(exc), kept="the previous certificate")
+            return
+        log.info("sidecar.tls_reloaded", cert=self.tls.files.cert, client_ca=self.tls.files.client_ca)
+
     async def serve(self) -> bool:
         """Run until SIGTERM/SIGINT, then shut down gracefully. False when the controller died."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        if self.tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload_tls)
         await self.start()
         # A controller that dies is a bug worth stopping for, not a silent half-sidecar.
         waiters = [asyncio.create_task(self.stopping.wait()), *[t for t in self._tasks if t.get_name() == "controller"]]
@@ -133,16 +166,51 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-metrics-url", metavar="URL",
                         help="Triton's /metrics, read for GPU figures when NVML is absent (default: none)")
     parser.add_argument("--listen", metavar="HOST:PORT", help=f"where clients connect (default {d.listen})")
+    parser.add_argument("--no-proxy", action="store_true", default=None,
+                        help="no client listener: the controller and metrics alone (clients stay on Triton's ports)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help=f"/metrics, /healthz, /readyz, /status (default {d.metrics_listen})")
     parser.add_argument("--allow-client-model-control", action="store_true", default=None,
                         help="let clients call RepositoryModelLoad/Unload (refused by default)")
     parser.add_argument("--max-message-bytes", type=int, metavar="N",
                         help="refuse larger request messages (default: no limit)")
+    parser.add_argument("--restricted-protocol", action="append", metavar=SYNTAX,
+                        help="as Triton's --grpc-restricted-protocol: calls of these protocol groups "
+                             f"({groups_text()}) need the header triton-grpc-protocol-KEY: VALUE, else the "
+                             "proxy answers UNAVAILABLE as Triton would; repeatable (default: none; the "
+                             "environment variable takes several, separated by whitespace)")
+    parser.add_argument("--max-inflight", type=int, metavar="N",
+                        help="per model, requests in flight past which ModelInfer calls get RESOURCE_EXHAUSTED "
+                             "at once; the policy's models.<name>.max_inflight overrides it (default: no cap)")
     parser.add_argument("--grace-period-s", type=float, metavar="S",
                         help=f"drain time on SIGTERM (default {d.grace_period_s:g})")
     parser.add_argument("--tcp-keepalive-s", type=float, metavar="S",
                         help=f"TCP keepalive idle time (default {d.tcp_keepalive_s:g})")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="PEM certificate (chain) of the client port: clients then speak TLS with ALPN h2; "
+                             "re-read with --tls-key and --tls-client-ca on SIGHUP (default: plaintext)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", metavar="FILE",
+                        help="PEM CA certificate(s): clients must present a certificate one of them signed "
+                             "(mTLS; default: no client certificate asked)")
+    parser.add_argument("--triton-tls-ca", metavar="FILE",
+                        help="Triton serves TLS: connect to it with TLS and verify its certificate against this "
+                             "PEM CA (default: plaintext to Triton)")
+    parser.add_argument("--max-connections", type=int, metavar="N",
+                        help="client connections past N are closed at once, unread, and counted "
+                             "(default: no limit; 0: no limit)")
+    parser.add_argument("--preface-timeout-s", type=float, metavar="S",
+                        help="close a client connection that has not finished its TLS handshake and sent the "
+                             f"HTTP/2 preface within S (default {d.preface_timeout_s:g}; 0: off)")
+    parser.add_argument("--idle-timeout-s", type=float, metavar="S",
+                        help="GOAWAY and close a client connection with no call open or started for S; gRPC "
+                             "clients reconnect on their next call (default: off; 0: off)")
+    parser.add_argument("--max-connection-age-s", type=float, metavar="S",
+                        help="GOAWAY a client connection older than S (+-10%% jitter): its open calls finish, "
+                             "then it closes and the client reconnects (default: off; 0: off)")
+    parser.add_argument("--max-connection-age-grace-s", type=float, metavar="S",
+                        help="after such a GOAWAY (age or idle), calls still open past S are closed "
+                             f"(default {d.max_connection_age_grace_s:g})")
     parser.add_argument("--log-format", choices=["json", "console"], help=f"(default {d.log_format})")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help=f"(default {d.log_level})")
     for action in parser._actions:
@@ -173,6 +241,9 @@ def apply_environment(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if action.dest == "help" or values.get(action.dest) is not None or name not in environ:
             continue
         text = environ[name].strip()
+        if isinstance(action, argparse._AppendAction):
+            values[action.dest] = text.split()
+            continue
         if isinstance(action, argparse._StoreTrueAction):
             if text.lower() not in _TRUE | _FALSE:
                 raise ValueError(f"{name}: got {text!r}; expected true or false")
@@ -190,21 +261,79 @@ def apply_environment(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 _OPTION_FIELDS = ("triton", "triton_metrics_url", "listen", "metrics_listen", "allow_client_model_control",
-                  "max_message_bytes", "grace_period_s", "tcp_keepalive_s", "log_format", "log_level")
+                  "max_message_bytes", "max_inflight", "grace_period_s", "tcp_keepalive_s", "log_format", "log_level",
+                  "tls_cert", "tls_key", "tls_client_ca", "triton_tls_ca", "max_connections", "preface_timeout_s",
+                  "idle_timeout_s", "max_connection_age_s", "max_connection_age_grace_s")
 
 
 def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarConfig:
     """Options (already merged with the environment) override the policy file's values."""
     overrides = {field: getattr(args, field) for field in _OPTION_FIELDS if getattr(args, field, None) is not None}
+    if getattr(args, "restricted_protocol", None) is not None:
+        overrides["restricted_protocols"] = tuple(args.restricted_protocol)
     config = replace(base, **overrides)
+    if getattr(args, "no_proxy", None):
+        config = replace(config, proxy_enabled=False)
     for what, value in (("--triton", config.triton), ("--listen", config.listen),
                         ("--metrics-listen", config.metrics_listen)):
         parse_host_port(value, what)
     if config.max_message_bytes is not None and config.max_message_bytes < 1:
         raise ValueError(f"--max-message-bytes: got {config.max_message_bytes}; must be >= 1")
+    if config.max_inflight is not None and config.max_inflight < 1:
+        raise ValueError(f"--max-inflight: got {config.max_inflight}; must be >= 1")
+    try:
+        parse_restrictions(config.restricted_protocols)
+    except RestrictionError as exc:
+        raise ValueError(f"--restricted-protocol: {exc}") from None
     if config.grace_period_s < 0:
         raise ValueError(f"--grace-period-s: got {config.grace_period_s:g}; must be >= 0")
+    config = _connection_limits_checked(config)
+    _check_tls(config)
     return config
+
+
+# Options where 0 means "off" (None in SidecarConfig).
+_OFF_AT_ZERO = {"max_connections": "--max-connections", "preface_timeout_s": "--preface-timeout-s",
+                "idle_timeout_s": "--idle-timeout-s", "max_connection_age_s": "--max-connection-age-s"}
+
+
+def _connection_limits_checked(config: SidecarConfig) -> SidecarConfig:
+    off: dict[str, Any] = {}
+    for name, option in _OFF_AT_ZERO.items():
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{option}: got {value:g}; must be >= 0 (0: off)")
+        if value == 0:
+            off[name] = None
+    if config.max_connection_age_grace_s < 0:
+        raise ValueError(f"--max-connection-age-grace-s: got {config.max_connection_age_grace_s:g}; must be >= 0")
+    return replace(config, **off) if off else config
+
+
+def connection_limits(config: SidecarConfig) -> ConnectionLimits:
+    return ConnectionLimits(max_connections=config.max_connections, preface_timeout_s=config.preface_timeout_s,
+                            idle_timeout_s=config.idle_timeout_s, max_connection_age_s=config.max_connection_age_s,
+                            max_connection_age_grace_s=config.max_connection_age_grace_s)
+
+
+def tls_files(config: SidecarConfig) -> TlsFiles:
+    assert config.tls_cert is not None and config.tls_key is not None
+    return TlsFiles(cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca)
+
+
+def _check_tls(config: SidecarConfig) -> None:
+    """Load the certificates once at start: missing, unreadable or mismatched files are a usage
+    error (TlsError, a ValueError) naming the option, before anything listens."""
+    if config.tls_cert and not config.tls_key:
+        raise ValueError("--tls-key (proxy.tls.key): required with --tls-cert")
+    if config.tls_key and not config.tls_cert:
+        raise ValueError("--tls-cert (proxy.tls.cert): required with --tls-key")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError("--tls-client-ca (proxy.tls.client_ca): needs --tls-cert and --tls-key (mTLS is TLS)")
+    if config.tls_cert:
+        server_context(tls_files(config))
+    if config.triton_tls_ca:
+        upstream_context(config.triton_tls_ca)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,19 @@ def sidecar_config(policy: Policy) -> SidecarConfig:
         triton_metrics_url=str(policy.triton.metrics_url) if policy.triton.metrics_url else None,
         allow_client_model_control=policy.proxy.allow_client_model_control,
         max_message_bytes=policy.proxy.max_message_bytes,
+        restricted_protocols=policy.proxy.restricted_protocols,
+        max_inflight=policy.proxy.max_inflight,
+        model_max_inflight={name: o.max_inflight for name, o in policy.models.items() if o.max_inflight is not None},
         grace_period_s=policy.proxy.grace_period_s,
+        tls_cert=policy.proxy.tls.cert if policy.proxy.tls else None,
+        tls_key=policy.proxy.tls.key if policy.proxy.tls else None,
+        tls_client_ca=policy.proxy.tls.client_ca if policy.proxy.tls else None,
+        triton_tls_ca=policy.triton.tls_ca,
+        max_connections=policy.proxy.max_connections,
+        preface_timeout_s=policy.proxy.preface_timeout_s,
+        idle_timeout_s=policy.proxy.idle_timeout_s,
+        max_connection_age_s=policy.proxy.max_connection_age_s,
+        max_connection_age_grace_s=policy.proxy.max_connection_age_grace_s,
         log_format=policy.logging.format,
         log_level=policy.logging.level,
     )
@@ -52,6 +64,8 @@ def controller_factory_from_policy(policy: Policy, triton_url: str | None = None
         actuator = Actuator(triton, timeout_s=policy.control.reload_timeout_s,
                             failed_config_backoff_s=policy.control.failed_config_backoff_s)
         return Controller(policies, LiveSources(stats, gpu_sampler, triton), actuator,
-                          interval_s=policy.control.interval_s, dry_run=policy.control.dry_run, registry=registry)
+                          interval_s=policy.control.interval_s, dry_run=policy.control.dry_run, registry=registry,
+                          max_concurrent_reloads=policy.control.max_concurrent_reloads,
+                          max_reloads_per_minute=policy.control.max_reloads_per_minute)
 
     return factory

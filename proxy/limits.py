@@ -7,6 +7,10 @@ how old.
 - `ConnectionGuard`: the asyncio shell. The relay asks it to `admit` each new connection
   and to `forget` it when it closes; one sweep per tick looks at every connection
   (`GuardedConnection`) and sends GOAWAY or closes. Nothing runs on the relay's hot path.
+- `Http2Limits` + `FrameRate`: HTTP/2 abuse limits (floods of resets, SETTINGS, PINGs,
+  empty frames; header block size; streams at once). These are checked by the relay per
+  frame, as integer counts; the clock is read only when a count passes its limit. The
+  guard counts what they refused.
 
 Semantics follow grpc-go's server keepalive settings:
 - max age (MaxConnectionAge): a graceful GOAWAY (NO_ERROR, last-stream-id = the highest
@@ -65,6 +69,74 @@ class RefusedReason(enum.Enum):
     PREFACE_TIMEOUT = "preface_timeout"
 
 
+# ---- HTTP/2 abuse: floods on one connection --------------------------------------------
+
+# What a limit the relay enforces per frame (`Http2Limits`) refused, in
+# tritonpilot_http2_refused_total{reason}. All but CONCURRENT_STREAMS close the connection
+# with GOAWAY ENHANCE_YOUR_CALM; CONCURRENT_STREAMS refuses the one stream (REFUSED_STREAM).
+class Http2Refusal(enum.Enum):
+    RAPID_RESET = "rapid_reset"          # client RST_STREAMs (CVE-2023-44487)
+    HEADER_BLOCK = "header_block"        # one header block too large (CONTINUATION flood, CVE-2024-27316)
+    SETTINGS_FLOOD = "settings_flood"    # SETTINGS Triton must acknowledge (CVE-2019-9515)
+    PING_FLOOD = "ping_flood"            # PINGs Triton must answer (CVE-2019-9512)
+    EMPTY_FRAMES = "empty_frames"        # DATA/HEADERS/CONTINUATION carrying nothing (CVE-2019-9518)
+    CONCURRENT_STREAMS = "concurrent_streams"
+
+
+# A limit that is off: never reached by a counter that adds 1 per frame.
+UNLIMITED = 1 << 62
+
+
+@dataclass(frozen=True)
+class Http2Limits:
+    """Per client connection; None = off. Rates are frames per second, over windows of 1 s."""
+    # Real clients cancel (deadlines, hedging): 1000/s on one connection is more than any
+    # client reaches through the relay (~2-5k calls/s per core) short of cancelling nearly
+    # every call, and far below the 10^5/s of a rapid-reset attack.
+    max_resets_per_s: int | None = 1000
+    # Encoded bytes of one HEADERS + CONTINUATION block; grpc servers refuse metadata past
+    # 8-16 KiB anyway, so 64 KiB cuts no call Triton would serve.
+    max_header_block_bytes: int | None = 64 * 1024
+    # Non-ACK SETTINGS (each forces an ACK): clients send one at start, grpc's BDP
+    # estimator a few more over a connection's life.
+    max_settings_per_s: int | None = 100
+    # Non-ACK PINGs (each forces an answer): keepalive pings come seconds apart; BDP pings
+    # at most one per round trip while responses flow.
+    max_pings_per_s: int | None = 1000
+    # DATA of length 0 without END_STREAM, HEADERS/CONTINUATION with an empty fragment that
+    # does not end the block: no client needs them.
+    max_empty_frames_per_s: int | None = 100
+    # Streams open at once; also advertised to the client in Triton's SETTINGS
+    # (min of both). None: Triton's own setting, untouched.
+    max_concurrent_streams: int | None = None
+
+    @staticmethod
+    def limit(value: int | None) -> int:
+        return UNLIMITED if value is None else value
+
+
+@dataclass(slots=True)
+class FrameRate:
+    """One kind of frame on one connection: more than `limit` of them within 1 s is a flood.
+
+    The relay adds 1 to `count` per frame and calls `flooded(now)` only when `count`
+    passes `limit`, so the clock is read once per `limit` frames, not per frame. A window
+    starts at the connection's start and again at each `flooded` call that finds the
+    previous one over: `limit + 1` frames inside one window are a flood (no false alarm:
+    they did come within 1 s), and over time no more than `limit` per second pass.
+    """
+    limit: int
+    window_start_s: float
+    count: int = 0
+
+    def flooded(self, now: float) -> bool:
+        if now - self.window_start_s < 1.0:
+            return True
+        self.window_start_s = now
+        self.count = 1
+        return False
+
+
 @dataclass(frozen=True)
 class Observed:
     """What a connection looks like now."""
@@ -117,6 +189,7 @@ class ConnectionsSnapshot:
     open: int
     refused_total: Mapping[str, int]  # by RefusedReason value
     goaway_total: Mapping[str, int]   # by Action value: max_age, idle
+    http2_refused_total: Mapping[str, int] = field(default_factory=dict)  # by Http2Refusal value
 
 
 class GuardedConnection(Protocol):
@@ -134,6 +207,7 @@ class _Counts:
     refused: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in RefusedReason})
     goaway: dict[str, int] = field(default_factory=lambda: {Action.GOAWAY_MAX_AGE.value: 0,
                                                              Action.GOAWAY_IDLE.value: 0})
+    http2: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in Http2Refusal})
 
 
 class ConnectionGuard:
@@ -165,10 +239,15 @@ class ConnectionGuard:
     def forget(self, conn: GuardedConnection) -> None:
         self._tracked.pop(conn, None)
 
+    def refused_http2(self, reason: Http2Refusal) -> None:
+        """The relay refused a stream or closed a connection for this reason (counted)."""
+        self._counts.http2[reason.value] += 1
+
     def snapshot(self) -> ConnectionsSnapshot:
         return ConnectionsSnapshot(open=len(self._tracked),
                                    refused_total=MappingProxyType(dict(self._counts.refused)),
-                                   goaway_total=MappingProxyType(dict(self._counts.goaway)))
+                                   goaway_total=MappingProxyType(dict(self._counts.goaway)),
+                                   http2_refused_total=MappingProxyType(dict(self._counts.http2)))
 
     def sweep(self, now: float) -> None:
         for conn, tracked in list(self._tracked.items()):

@@ -143,7 +143,8 @@ class ConnectionCollector(Collector):
         yield from connection_families(self._snapshot())
 
 
-def _connection_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+def _connection_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily,
+                                     CounterMetricFamily]:
     return (
         GaugeMetricFamily("tritonpilot_connections", "Client connections open now."),
         CounterMetricFamily("tritonpilot_connections_refused",
@@ -152,14 +153,21 @@ def _connection_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, Coun
         CounterMetricFamily("tritonpilot_connections_goaway",
                             "Client connections sent a graceful GOAWAY by a limit, per reason "
                             "(max_age, idle).", labels=["reason"]),
+        CounterMetricFamily("tritonpilot_http2_refused",
+                            "What the HTTP/2 abuse limits refused, per reason: client connections closed "
+                            "with GOAWAY ENHANCE_YOUR_CALM (rapid_reset, header_block, settings_flood, "
+                            "ping_flood, empty_frames) and streams refused (concurrent_streams).",
+                            labels=["reason"]),
     )
 
 
 def connection_families(snapshot: ConnectionsSnapshot) -> list[Metric]:
-    open_now, refused, goaway = _connection_families()
+    open_now, refused, goaway, http2 = _connection_families()
     open_now.add_metric([], snapshot.open)
     for reason in sorted(snapshot.refused_total):
         refused.add_metric([reason], snapshot.refused_total[reason])
     for reason in sorted(snapshot.goaway_total):
         goaway.add_metric([reason], snapshot.goaway_total[reason])
-    return [open_now, refused, goaway]
+    for reason in sorted(snapshot.http2_refused_total):
+        http2.add_metric([reason], snapshot.http2_refused_total[reason])
+    return [open_now, refused, goaway, http2]

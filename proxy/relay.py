@@ -33,14 +33,21 @@ import ssl
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
 import hpack
 import structlog
 
 from tritonpilot.proxy import wire
-from tritonpilot.proxy.limits import ConnectionGuard, ConnectionLimits, Observed
+from tritonpilot.proxy.limits import (
+    ConnectionGuard,
+    ConnectionLimits,
+    FrameRate,
+    Http2Limits,
+    Http2Refusal,
+    Observed,
+)
 from tritonpilot.proxy.restrict import Door, Restriction
 from tritonpilot.proxy.shedding import InflightCaps, refusal_message
 from tritonpilot.proxy.stats import UNKNOWN_MODEL, ModelStats, ProxyStats
@@ -71,8 +78,11 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types and flags (RFC 9113 section 6).
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-SETTINGS_HEADER_TABLE_SIZE = 0x1
-H2_NO_ERROR, H2_CANCEL, H2_REFUSED_STREAM = 0x0, 0x8, 0x7
+SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x3
+H2_NO_ERROR, H2_CANCEL, H2_REFUSED_STREAM, H2_ENHANCE_YOUR_CALM = 0x0, 0x8, 0x7, 0xB
+# After an ENHANCE_YOUR_CALM GOAWAY, how long the client's bytes are read and dropped before
+# its socket closes: closing with unread bytes would send a TCP reset that can overtake the GOAWAY.
+_LINGER_S = 1.0
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 # A client reset this close to its deadline counts as DEADLINE_EXCEEDED (see _cancel_code).
@@ -98,6 +108,8 @@ class RelayOptions:
     restricted_protocols: tuple[Restriction, ...] = ()
     # Per-model caps on requests in flight (shedding.py); None = no cap.
     max_inflight: InflightCaps | None = None
+    # HTTP/2 abuse limits per client connection (limits.py): floods, header block size, streams.
+    http2: Http2Limits = Http2Limits()
 
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -169,7 +181,8 @@ class _Direction:
     """Frame-boundary bookkeeping for one direction of a connection pair."""
 
     __slots__ = ("name", "buf", "data_left", "data_scanner", "in_header_block", "block", "feeding",
-                 "block_stream", "block_end_stream", "pending", "transport", "decoder", "preface_left")
+                 "block_stream", "block_end_stream", "pending", "transport", "decoder", "preface_left",
+                 "max_block_bytes", "empty_frames")
 
     def __init__(self, name: str, preface_left: int) -> None:
         self.name = name
@@ -187,6 +200,9 @@ class _Direction:
         self.decoder.max_header_list_size = 1 << 30
         self.preface_left = preface_left
         self.feeding = False  # inside _relay_frames: frames already read are not written yet
+        # Client side only (Pair sets them): one header block's bytes, and frames that carry nothing.
+        self.max_block_bytes = 1 << 30
+        self.empty_frames: FrameRate | None = None
 
     @property
     def at_boundary(self) -> bool:
@@ -195,6 +211,14 @@ class _Direction:
 
 class ProtocolViolation(Exception):
     """Bytes that are not HTTP/2 as the relay must understand it; the pair is closed."""
+
+
+class _Flood(Exception):
+    """A client over an HTTP/2 abuse limit: GOAWAY ENHANCE_YOUR_CALM, and the pair is closed."""
+
+    def __init__(self, reason: Http2Refusal) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
 
 
 class Pair:
@@ -221,6 +245,16 @@ class Pair:
         self.closed = False
         self.drained = asyncio.Event()
         self.drained.set()
+        # HTTP/2 abuse limits: integer counts per frame, the clock read only past a limit.
+        h2 = self.opts.http2
+        now = time.monotonic()
+        self.resets = FrameRate(h2.limit(h2.max_resets_per_s), now)
+        self.settings = FrameRate(h2.limit(h2.max_settings_per_s), now)
+        self.pings = FrameRate(h2.limit(h2.max_pings_per_s), now)
+        if h2.max_empty_frames_per_s is not None:
+            self.c2u.empty_frames = FrameRate(h2.max_empty_frames_per_s, now)
+        self.c2u.max_block_bytes = h2.limit(h2.max_header_block_bytes)
+        self.max_streams = h2.limit(h2.max_concurrent_streams)
 
     # ---- wiring -------------------------------------------------------------------------
 
@@ -246,6 +280,9 @@ class Pair:
         d.feeding = True
         try:
             self._relay_frames(d, data, on_frame)
+        except _Flood as flood:
+            d.feeding = False
+            self._enhance_your_calm(flood.reason)
         except Exception as exc:  # garbage from a peer must never take the proxy down
             log.warning("relay.connection_error", direction=d.name, error=repr(exc))
             self.close()
@@ -292,6 +329,8 @@ class Pair:
             ftype, flags = data[pos + 3], data[pos + 4]
             stream_id = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
             if ftype == DATA and not flags & PADDED:
+                if not length and not flags & END_STREAM and d.empty_frames is not None:
+                    _count(d.empty_frames, Http2Refusal.EMPTY_FRAMES)
                 # Stream it: forward what has arrived, scan it if this stream is scanned.
                 self._data_frame(d, stream_id, flags)
                 d.data_left = length
@@ -302,6 +341,8 @@ class Pair:
                     d.pending.clear()
                     start = pos
                 continue
+            if length + len(d.block) > d.max_block_bytes and (ftype == HEADERS or ftype == CONTINUATION):
+                raise _Flood(Http2Refusal.HEADER_BLOCK)  # before buffering the frame
             if n - pos < 9 + length:
                 break
             payload = data[pos + 9:pos + 9 + length]
@@ -347,11 +388,13 @@ class Pair:
                 self.c2u.data_scanner.feed(body)
             return True
         if ftype == RST_STREAM:
+            _count(self.resets, Http2Refusal.RAPID_RESET)
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
                 self._finish(stream, self._cancel_code(stream), time.monotonic())
             return True
         if ftype == SETTINGS and not flags & ACK:
+            _count(self.settings, Http2Refusal.SETTINGS_FLOOD)
             # The client's table size bounds what Triton's encoder may use on responses.
             size = _settings_value(payload, SETTINGS_HEADER_TABLE_SIZE)
             if size is not None:
@@ -359,6 +402,8 @@ class Pair:
             return True
         if ftype == WINDOW_UPDATE and stream_id == 0 and self.injected_data_credit:
             return self._reclaim_credit(payload)
+        if ftype == PING and not flags & ACK:
+            _count(self.pings, Http2Refusal.PING_FLOOD)
         return True
 
     def _reclaim_credit(self, payload: bytes) -> bool | bytes:
@@ -378,6 +423,9 @@ class Pair:
         path = _header(headers, b":path") or b""
         now = time.monotonic()
         if self.goaway_sent:
+            return self._answer_locally(stream_id, refuse=True)
+        if len(self.streams) >= self.max_streams:  # REFUSED_STREAM: grpc clients retry it
+            self.relay.guard.refused_http2(Http2Refusal.CONCURRENT_STREAMS)
             return self._answer_locally(stream_id, refuse=True)
         if self.door is not None:
             refusal = self.door.refusal(path, headers)
@@ -493,6 +541,10 @@ class Pair:
             size = _settings_value(payload, SETTINGS_HEADER_TABLE_SIZE)
             if size is not None:
                 self.c2u.decoder.max_allowed_table_size = size
+            limit = self.opts.http2.max_concurrent_streams
+            if limit is not None:  # the client hears min(Triton's, ours)
+                capped = _capped_setting(payload, SETTINGS_MAX_CONCURRENT_STREAMS, limit)
+                return True if capped is payload else frame(SETTINGS, flags, 0, capped)
             return True
         if ftype == GOAWAY and len(payload) >= 4:
             # Triton will not process streams above last_stream_id; the client retries them
@@ -551,12 +603,15 @@ class Pair:
                 raise ProtocolViolation("HEADERS inside a header block")
             d.block_stream = stream_id
             d.block_end_stream = bool(flags & END_STREAM)
-            d.block = _headers_fragment(payload, flags)
+            fragment = d.block = _headers_fragment(payload, flags)
         else:
             if not d.in_header_block or stream_id != d.block_stream:
                 raise ProtocolViolation("CONTINUATION outside a header block")
+            fragment = payload
             d.block += payload
         d.in_header_block = not flags & END_HEADERS
+        if d.in_header_block and not fragment and d.empty_frames is not None:
+            _count(d.empty_frames, Http2Refusal.EMPTY_FRAMES)  # a block that grows by nothing
         if d.in_header_block:
             return True
         # hpack annotates an Iterable (it returns a list): the handlers read the headers more than once.
@@ -636,6 +691,25 @@ class Pair:
         payload = self.max_client_stream.to_bytes(4, "big") + H2_NO_ERROR.to_bytes(4, "big")
         self.inject(self.u2c, frame(GOAWAY, 0, 0, payload))
 
+    def _enhance_your_calm(self, reason: Http2Refusal) -> None:
+        """A client over an abuse limit: counted, GOAWAY ENHANCE_YOUR_CALM, closed. Nothing it
+        sent after the frame over the limit is forwarded. Triton's side closes at once; the
+        client's after _LINGER_S, its bytes read and dropped meanwhile."""
+        self.relay.guard.refused_http2(reason)
+        log.warning("relay.http2_refused", reason=reason.value, open_streams=len(self.streams),
+                    max_stream_id=self.max_client_stream)
+        client = self.client
+        if self.u2c.at_boundary and not self.u2c.feeding:  # else mid-frame: just close
+            client.write(frame(GOAWAY, 0, 0, self.max_client_stream.to_bytes(4, "big")
+                               + H2_ENHANCE_YOUR_CALM.to_bytes(4, "big")))
+        self.u2c.transport = None  # close() below closes Triton's side only
+        self.close()
+        if client.can_write_eof():
+            client.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER_S, client.close)
+        else:
+            client.close()
+
     def close(self, code: int = GRPC_UNAVAILABLE) -> None:
         if self.closed:
             return
@@ -698,6 +772,29 @@ def _headers_fragment(payload: bytes, flags: int) -> bytes:
     if start > end:
         raise ProtocolViolation("HEADERS padding longer than the frame")
     return payload[start:end]
+
+
+def _count(rate: FrameRate, reason: Http2Refusal) -> None:
+    """One more frame of a kind: raises _Flood past its limit within 1 s (limits.FrameRate)."""
+    rate.count += 1
+    if rate.count > rate.limit and rate.flooded(time.monotonic()):
+        raise _Flood(reason)
+
+
+def _capped_setting(payload: bytes, key: int, limit: int) -> bytes:
+    """A SETTINGS payload with `key` at most `limit` (added where absent); `payload` itself when
+    it needs no change. Settings carry no HPACK state, so the frame may change size."""
+    out: bytearray | None = None
+    found = False
+    for i in range(0, len(payload) - 5, 6):
+        if int.from_bytes(payload[i:i + 2], "big") == key:
+            found = True
+            if int.from_bytes(payload[i + 2:i + 6], "big") > limit:
+                out = out if out is not None else bytearray(payload)
+                out[i + 2:i + 6] = limit.to_bytes(4, "big")
+    if not found:
+        return payload + key.to_bytes(2, "big") + limit.to_bytes(4, "big")
+    return bytes(out) if out is not None else payload
 
 
 def _settings_value(payload: bytes, key: int) -> int | None:
@@ -818,6 +915,24 @@ class Relay:
         self.guard = ConnectionGuard(options.limits)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
+
+    # What a policy reload may change while connections stay open.
+    LIVE_OPTIONS = frozenset({"allow_client_model_control", "max_message_bytes", "restricted_protocols",
+                              "max_inflight"})
+
+    def reconfigure(self, **changes: object) -> None:
+        """Swap options the relay takes live (LIVE_OPTIONS). Every connection, open or new,
+        applies them to the calls it starts from now on; calls already open keep their answer
+        (a stream open at the change checks its later messages against the new size limit)."""
+        unknown = set(changes) - self.LIVE_OPTIONS
+        if unknown:
+            raise ValueError(f"not live options: {', '.join(sorted(unknown))} (a restart takes them)")
+        self.options = options = replace(self.options, **changes)  # type: ignore[arg-type]
+        self.door = Door(options.restricted_protocols) if options.restricted_protocols else None
+        caps = options.max_inflight
+        self.caps = caps if caps is not None and caps.enabled else None
+        for pair in self.pairs:  # each pair keeps its own references off the hot path
+            pair.opts, pair.door, pair.caps = options, self.door, self.caps
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

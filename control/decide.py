@@ -41,10 +41,13 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    of profile, or both, is one decision; a live profile that differs from the one for
    the current count is a REPROFILE at the same count.
 5. Gates, which turn a wanted change into BLOCKED (the clocks keep running):
-   a reload pending -> "reload-pending"; inside the cooldown -> "cooldown". The
-   cooldown follows each change and each finished reload, and lasts
-   max(cooldown_s, the last measured reload duration).
+   a reload pending -> "reload-pending"; a change still waiting for its verdict
+   (step 8) -> "verifying" (bounds always pass; panic passes unless a step-down probe
+   is being verified, and the verification it interrupts is "inconclusive"); inside
+   the cooldown -> "cooldown". The cooldown follows each change and each finished
+   reload, and lasts max(cooldown_s, the last measured reload duration).
 6. Step and guards, which may shrink the change or block it:
+   - a load-driven scale-up stops at a learned ceiling (step 8) -> "ceiling";
    - at most `max_step` instances per decision;
    - no new instance while GPU utilization >= gpu_utilization_ceiling_ratio -> "gpu-bound";
    - GPU memory: after the reload, free memory must stay >= the headroom, where a full
@@ -65,6 +68,16 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    start leaves the window (numbers: reloads_in_progress, reloads_last_minute, the
    limits, budget_limited_by, budget_free_in_s). Last, so only a change that would
    otherwise start a reload waits for the budget.
+8. Verify after acting (`policy.verify`, control/verify.py has the rules): each
+   load-driven count change is judged once its reload finished, settle_s passed and a
+   window_s window after it is complete, against the window before it: "improved",
+   "unchanged", "no-gain", "worse", "inconclusive", or "holds" for a step-down probe.
+   The verdict rides on that tick's decision (`verdicts`, numbers `verify_*`). A
+   "no-gain" or "worse" verdict asks for the count before the change, reason
+   "verify-revert"; a jump of several instances that "improved" asks for one count
+   down at a time, reason "verify-probe", while the load holds still. These wants go
+   through every gate and guard above like any change; a load-driven scale-down below a
+   probe ends the probing. Reverts are not verified again.
 
 Every decision carries `numbers`: the measurements and thresholds behind it.
 """
@@ -77,6 +90,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal, Protocol, TypeVar
 
+from tritonpilot.control import verify
 from tritonpilot.control.policy import Profile, ResolvedModelPolicy
 from tritonpilot.control.signals import RELOAD_RATE_WINDOW_S, GpuSample, LiveConfig, ReloadBudget, Signals
 
@@ -118,6 +132,10 @@ class Reason(StrEnum):
     MEMORY_HEADROOM = "memory-headroom"
     FAILED_CONFIG_BACKOFF = "failed-config-backoff"
     RELOAD_BUDGET = "reload-budget"
+    VERIFYING = "verifying"          # a change waits for its verdict (control/verify.py)
+    VERIFY_REVERT = "verify-revert"  # undo a change whose verdict was no-gain or worse
+    VERIFY_PROBE = "verify-probe"    # one count down after a jump, while throughput holds
+    CEILING = "ceiling"              # a learned ceiling holds the count
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,7 @@ class State:
     panic_since_s: float | None = None     # the panic condition has held since
     changed_at_s: float | None = None      # the last decision that changed something
     memory_per_instance_bytes: float | None = None  # learned by observe_reload
+    verify: verify.VerifyState = verify.VerifyState()  # windows, the change being verified, the ceiling
 
 
 @dataclass(frozen=True)
@@ -149,6 +168,7 @@ class Decision:
     profile: Profile | None          # the profile for decided_instances
     strategy: Strategy | None        # how to reload, when `changes`
     numbers: Mapping[str, Number] = field(default_factory=dict)
+    verdicts: tuple[verify.Outcome, ...] = ()  # verdicts given at this tick (step 8)
 
     @property
     def changes(self) -> bool:
@@ -158,6 +178,22 @@ class Decision:
 def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple[Decision, State]:
     """One model's decision at `signals.now_s` and the state for its next tick (the
     module docstring has the rules, in the order they apply here)."""
+    config = _fresh(signals.config, signals.now_s, policy.max_signal_age_s)
+    measured = _measured_load(signals, policy)
+    vs, outcomes = verify.observe(state.verify, signals, policy, config.instances if config is not None else None,
+                                  measured.inflight_mean if measured is not None else None)
+    decision, state = _decide(signals, policy, replace(state, verify=vs))
+    outcomes += decision.verdicts
+    if not outcomes:
+        return decision, state
+    numbers = dict(decision.numbers)
+    for outcome in outcomes:
+        numbers.update(outcome.numbers)
+    numbers["verdict"] = str(outcomes[-1].verdict)
+    return replace(decision, numbers=numbers, verdicts=outcomes), state
+
+
+def _decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple[Decision, State]:
     now_s = signals.now_s
     numbers = _signal_numbers(signals, policy, state)
     config = _fresh(signals.config, now_s, policy.max_signal_age_s)
@@ -175,15 +211,25 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
     numbers.update(_load_numbers(load, current, policy, state, now_s))
 
     action, reason, target = _wanted(load, state, policy, current, config, now_s)
+    action, reason, target, state = _verify_wants(action, reason, target, state, current, policy)
     if action is Action.HOLD:
         return _decision(policy, now_s, action, reason, config, load.desired, current, None, numbers), state
 
     if signals.reload_pending:
         return _blocked(policy, now_s, Reason.RELOAD_PENDING, config, load.desired, numbers, reason, target), state
+    if _verifying_holds(state.verify.pending, reason):
+        numbers.update(verify.pending_numbers(state.verify, policy, signals))
+        return _blocked(policy, now_s, Reason.VERIFYING, config, load.desired, numbers, reason, target), state
     cooldown_left_s = _cooldown_end_s(signals, policy, state) - now_s
     if cooldown_left_s > 0:
         numbers["cooldown_left_s"] = cooldown_left_s
         return _blocked(policy, now_s, Reason.COOLDOWN, config, load.desired, numbers, reason, target), state
+    ceiling = state.verify.ceiling
+    if ceiling is not None and reason in _LOAD_UP and target > ceiling.instances:
+        numbers.update(verify.ceiling_numbers(ceiling, now_s))
+        if ceiling.instances <= current:
+            return _blocked(policy, now_s, Reason.CEILING, config, load.desired, numbers, reason, target), state
+        target, numbers["limited_by"] = ceiling.instances, "ceiling"
 
     stepped = _step(current, target, policy.max_step)
     if stepped != target:
@@ -199,7 +245,13 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
     if _over_budget(signals.budget, now_s, numbers):
         return _blocked(policy, now_s, Reason.RELOAD_BUDGET, config, load.desired, numbers, reason, decided), state
     decision = _decision(policy, now_s, action, reason, config, load.desired, decided, strategy, numbers)
-    new_state = replace(state, changed_at_s=now_s)
+    since = state.down_since_s if reason is Reason.INFLIGHT_BELOW_TARGET else min(
+        (t for t in (state.up_since_s, state.panic_since_s) if t is not None), default=None)
+    vs, outcomes = verify.on_change(state.verify, _VERIFY_KIND.get(reason), current, decided, since,
+                                    signals.last_reload.finished_s if signals.last_reload is not None else None,
+                                    policy, now_s)
+    decision = replace(decision, verdicts=outcomes)
+    new_state = replace(state, changed_at_s=now_s, verify=vs)
     if decided < current:  # the next step down waits a whole delay again
         new_state = replace(new_state, down_since_s=None, down_from_s=None, down_needs=())
     return decision, new_state
@@ -225,6 +277,36 @@ def observe_reload(state: State, before_bytes: int | None, after_bytes: int | No
 
 # ---------------------------------------------------------------------------------------
 # Steps of `decide`
+
+_LOAD_UP: frozenset[Reason] = frozenset({Reason.INFLIGHT_ABOVE_TARGET, Reason.PANIC})
+_BOUNDS: frozenset[Reason] = frozenset({Reason.BELOW_MIN, Reason.ABOVE_MAX})
+_VERIFY_KIND: dict[Reason, verify.Kind | Literal["revert"]] = {
+    Reason.INFLIGHT_ABOVE_TARGET: "up", Reason.PANIC: "up", Reason.INFLIGHT_BELOW_TARGET: "down",
+    Reason.VERIFY_PROBE: "probe", Reason.VERIFY_REVERT: "revert"}
+
+
+def _verify_wants(action: Action, reason: Reason, target: int, state: State, current: int,
+                  policy: ResolvedModelPolicy) -> tuple[Action, Reason, int, State]:
+    """A revert or a probe verification asks for takes the place of what the load asks,
+    except a bound, and except a scale-down past a probe (nothing left to probe)."""
+    vs = state.verify
+    want = vs.want
+    if want is None or reason in _BOUNDS:
+        return action, reason, target, state
+    done = want.instances == current or not policy.min_instances <= want.instances <= policy.max_instances
+    overtaken = want.kind == "probe" and action is Action.SCALE_DOWN and target <= want.instances
+    if done or overtaken:
+        probe = None if want.kind == "probe" else vs.probe
+        return action, reason, target, replace(state, verify=replace(vs, want=None, probe=probe))
+    wanted = Action.SCALE_UP if want.instances > current else Action.SCALE_DOWN
+    return wanted, Reason.VERIFY_REVERT if want.kind == "revert" else Reason.VERIFY_PROBE, want.instances, state
+
+
+def _verifying_holds(pending: verify.Pending | None, reason: Reason) -> bool:
+    """Whether a change waiting for its verdict holds this one (module docstring, step 5)."""
+    if pending is None or reason in _BOUNDS:
+        return False
+    return not (reason is Reason.PANIC and pending.kind != "probe")
 
 class _Timed(Protocol):
     @property

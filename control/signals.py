@@ -41,6 +41,10 @@ class InflightSample:
     inflight_max: int         # peak over the window
     request_rate_per_s: float | None = None  # requests started per second over the window
     latency_p95_s: float | None = None       # of requests finished in the window; None if none
+    # The window's own cumulative latency bucket counts (proxy.stats.LATENCY_BUCKETS_S, then +Inf):
+    # windows add up, so control/verify.py takes a p95 over many ticks. None: not measured.
+    latency_bucket_counts: tuple[int, ...] | None = None
+    error_count: int | None = None           # requests finished in the window with a code other than OK
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ def inflight_sample(prev: ModelSnapshot | None, prev_s: float, cur: ModelSnapsho
         return None
     if cur is None:
         return InflightSample(at_s=now_s, window_s=window_s, inflight_now=0, inflight_mean=0.0,
-                              inflight_max=0, request_rate_per_s=0.0, latency_p95_s=None)
+                              inflight_max=0, request_rate_per_s=0.0, latency_p95_s=None, error_count=0)
     base_seconds = prev.inflight_seconds if prev is not None else 0.0
     base_started = prev.started_total if prev is not None else 0
     base_buckets = prev.latency_bucket_counts if prev is not None else (0,) * len(cur.latency_bucket_counts)
@@ -154,6 +158,8 @@ def inflight_sample(prev: ModelSnapshot | None, prev_s: float, cur: ModelSnapsho
         inflight_max=cur.inflight_peak,
         request_rate_per_s=(cur.started_total - base_started) / window_s,
         latency_p95_s=quantile_from_buckets(window_buckets, 0.95),
+        latency_bucket_counts=window_buckets,
+        error_count=cur.errors_total - (prev.errors_total if prev is not None else 0),
     )
 
 

@@ -577,8 +577,10 @@ def test_inflight_sample_is_the_window_between_two_proxy_snapshots() -> None:
     after = stats.snapshot(2.0, reset_peak=True)
     sample = inflight_sample(before, 0.0, after, 2.0)
     # in flight: 1 over [0, 1), 2 over [1, 1.5), 1 over [1.5, 2) -> 2.5 request-seconds in 2 s
-    assert sample == InflightSample(at_s=2.0, window_s=2.0, inflight_now=1, inflight_mean=1.25, inflight_max=2,
-                                    request_rate_per_s=1.0, latency_p95_s=2.5)
+    assert replace(sample, latency_bucket_counts=None) == InflightSample(
+        at_s=2.0, window_s=2.0, inflight_now=1, inflight_mean=1.25, inflight_max=2, request_rate_per_s=1.0,
+        latency_p95_s=2.5, error_count=0)
+    assert sample.latency_bucket_counts[-1] == 1  # the window's one finished request, for windows that add up
     assert inflight_sample(None, 0.0, None, 2.0).inflight_mean == 0.0  # no traffic is data
     assert inflight_sample(before, 2.0, after, 2.0) is None  # no window
 

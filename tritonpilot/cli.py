@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "runner": ("tritonpilot.tools.runner", "write a Triton model directory that serves a TorchScript file"),
     "tune": ("tritonpilot.tools.tune", "measure flag profiles x instance counts x concurrency on a live Triton"),
     "demo": ("tritonpilot.tools.demo", "embedded Triton + sidecar + a load ramp, printed as a timeline"),
+    "replay": ("tritonpilot.tools.replay", "the decision core over a `serve --record` recording, per policy"),
 }
 
 

@@ -27,10 +27,12 @@ from typing import Any, Protocol
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tritonpilot.control import verify
 from tritonpilot.control.actuator import CONFIG_FAILURES, ReloadRequest, ReloadResult
 from tritonpilot.control.decide import Decision, Reason, State, decide, observe_reload
 from tritonpilot.control.overrides import read_state
 from tritonpilot.control.policy import ResolvedModelPolicy
+from tritonpilot.control.record import NullRecorder, Recorder
 from tritonpilot.control.signals import (
     RELOAD_RATE_WINDOW_S,
     GpuSample,
@@ -92,6 +94,8 @@ class ControllerMetrics:
                                          registry=reg)
         self.decisions = Counter("tritonpilot_decisions", "Decisions per tick, by action and reason.",
                                  ["model", "action", "reason"], registry=reg)
+        self.verifications = Counter("tritonpilot_verifications", "Verdicts on changes (control/verify.py).",
+                                     ["model", "verdict"], registry=reg)
 
 
 @dataclass
@@ -115,8 +119,10 @@ class Controller:
                  *, interval_s: float = 1.0, dry_run: bool = False, registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 max_concurrent_reloads: int = 1, max_reloads_per_minute: int | None = 6) -> None:
+                 max_concurrent_reloads: int = 1, max_reloads_per_minute: int | None = 6,
+                 recorder: Recorder | None = None) -> None:
         self.models = {name: _ModelLoop(p) for name, p in policies.items()}
+        self.recorder: Recorder = recorder if recorder is not None else NullRecorder()  # serve --record
         self.max_concurrent_reloads = max_concurrent_reloads
         self.max_reloads_per_minute = max_reloads_per_minute
         self._reload_starts: deque[float] = deque()  # when submitted reloads started, the last window's
@@ -128,6 +134,7 @@ class Controller:
         self.sleep = sleep
         self.metrics = ControllerMetrics(registry)
         self._prev_snapshot: ProxySnapshot | None = None
+        self._staged: tuple[dict[str, ResolvedModelPolicy], dict[str, Any]] | None = None  # replace_policies
 
     async def run(self) -> None:
         log.info("controller.started", models=sorted(self.models), interval_s=self.interval_s, dry_run=self.dry_run)
@@ -151,8 +158,10 @@ class Controller:
         close_sources = getattr(self.sources, "close", None)
         if close_sources is not None:
             await close_sources()
+        self.recorder.close()
 
     async def tick(self, now_s: float) -> list[Decision]:
+        self._take_staged_policies()
         for result in self.applier.collect():
             self._finished(result, now_s)
         snapshot = self.sources.proxy_snapshot(now_s)
@@ -175,6 +184,7 @@ class Controller:
                               reload_pending=self.applier.pending(name) is not None, last_reload=m.last_reload,
                               budget=self._budget(now_s))
             decision, m.state = decide(signals, m.policy, m.state)
+            self.recorder.tick(signals, m.policy, decision)
             decisions[name] = decision
             self._record(m, decision, inflight)
             if decision.reason is Reason.RELOAD_BUDGET:
@@ -184,6 +194,38 @@ class Controller:
             if decision.changes and self._apply(m, decision, gpu):
                 self._reload_starts.append(now_s)
         return [decisions[name] for name in self.models]
+
+    def replace_policies(self, policies: Mapping[str, ResolvedModelPolicy], *, interval_s: float, dry_run: bool,
+                         max_concurrent_reloads: int, max_reloads_per_minute: int | None) -> None:
+        """A reloaded policy, taken at the start of the next tick, never inside one (a tick reads
+        Triton for the models it began with). Models kept keep their state (delays, cooldowns,
+        history); models added start fresh; models removed are no longer decided for (a reload
+        of theirs already in flight still finishes and is counted)."""
+        self._staged = (dict(policies), {"interval_s": interval_s, "dry_run": dry_run,
+                                         "max_concurrent_reloads": max_concurrent_reloads,
+                                         "max_reloads_per_minute": max_reloads_per_minute})
+
+    def _take_staged_policies(self) -> None:
+        if self._staged is None:
+            return
+        (policies, settings), self._staged = self._staged, None
+        for name, m in self.models.items():
+            # Gauges of a model no longer controlled, or of a profile it no longer has, would
+            # show their last value forever.
+            kept = {p.name for p in policies[name].profiles} if name in policies else set()
+            for profile in (p.name for p in m.policy.profiles if p.name not in kept):
+                _remove_labels(self.metrics.profile, name, profile)
+            if name not in policies:
+                _remove_labels(self.metrics.instances, name)
+        models = {}
+        for name, policy in policies.items():
+            models[name] = self.models.get(name) or _ModelLoop(policy)
+            models[name].policy = policy
+        added, removed = sorted(set(models) - set(self.models)), sorted(set(self.models) - set(models))
+        self.models = models
+        for key, value in settings.items():
+            setattr(self, key, value)
+        log.info("controller.policy_replaced", models=sorted(models), added=added, removed=removed, **settings)
 
     def _budget_order(self) -> list[str]:
         """Models that wait for the reload budget first, longest wait first; then the rest in order."""
@@ -279,9 +321,16 @@ class Controller:
             gpu = _gpu_sample(self.sources.gpu())
             m.state = observe_reload(m.state, m.memory_before_bytes, gpu.memory_used_bytes if gpu else None,
                                      result.instances_before, result.request.instances)
+            self.recorder.observe(name, now_s, m.memory_before_bytes, gpu.memory_used_bytes if gpu else None,
+                                  result.instances_before, result.request.instances)
 
     def _record(self, m: _ModelLoop, decision: Decision, inflight: InflightSample | None) -> None:
         self.metrics.decisions.labels(decision.model, str(decision.action), str(decision.reason)).inc()
+        for outcome in decision.verdicts:
+            self.metrics.verifications.labels(decision.model, str(outcome.verdict)).inc()
+            log.info("controller.verdict", model=decision.model, verdict=str(outcome.verdict), kind=outcome.kind,
+                     instances=f"{outcome.from_instances} -> {outcome.to_instances}", then=outcome.then,
+                     **_loggable(outcome.numbers))
         if not decision.changes:
             log.debug("controller.hold", model=decision.model, action=str(decision.action),
                       reason=str(decision.reason), **_loggable(decision.numbers))
@@ -289,9 +338,12 @@ class Controller:
                  "current_instances": decision.current_instances, "decided_instances": decision.decided_instances,
                  "profile": decision.profile.name if decision.profile else decision.current_profile,
                  "numbers": dict(decision.numbers)}
+        if decision.verdicts:
+            entry["verdicts"] = [str(o.verdict) for o in decision.verdicts]
         # Keep the history readable: record changes and blocks always, holds only when new.
         last = m.decisions[-1] if m.decisions else None
-        if decision.changes or last is None or (last["action"], last["reason"]) != (entry["action"], entry["reason"]):
+        if (decision.changes or decision.verdicts or last is None
+                or (last["action"], last["reason"]) != (entry["action"], entry["reason"])):
             m.decisions.append(entry)
 
     def status(self) -> dict[str, Any]:
@@ -315,9 +367,17 @@ class Controller:
                                     "strategy": pending.strategy} if pending else None),
                 "last_reload": m.last_reload_report,
                 "memory_per_instance_bytes": m.state.memory_per_instance_bytes,
+                "verify": verify.status(m.state.verify, now_s),
                 "decisions": list(m.decisions),
             }
         return out
+
+
+def _remove_labels(metric: Gauge, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never set
+        pass
 
 
 def _gpu_sample(snapshot: GpuSnapshot) -> GpuSample | None:

@@ -250,6 +250,16 @@ class ProxySection(_Frozen):
     idle_timeout_s: PositiveSeconds | None = None
     max_connection_age_s: PositiveSeconds | None = None
     max_connection_age_grace_s: Seconds = 30.0
+    # HTTP/2 abuse limits per client connection (null: off). Past a rate (frames within 1 s)
+    # or the header block size, the client gets GOAWAY ENHANCE_YOUR_CALM and is closed;
+    # streams past max_concurrent_streams get REFUSED_STREAM, and the client is told
+    # min(Triton's, this) in Triton's SETTINGS.
+    max_resets_per_s: Count | None = 1000
+    max_header_block_bytes: Annotated[StrictInt, Field(ge=1, le=_INT32_MAX)] | None = 65536
+    max_settings_per_s: Count | None = 100
+    max_pings_per_s: Count | None = 1000
+    max_empty_frames_per_s: Count | None = 100
+    max_concurrent_streams: Annotated[StrictInt, Field(ge=1, le=_INT32_MAX)] | None = None
     # Triton's --grpc-restricted-protocol rules ("GROUPS:KEY=VALUE"), enforced by the proxy.
     restricted_protocols: Annotated[tuple[Annotated[StrictStr, AfterValidator(_restriction)], ...],
                                     AfterValidator(_restrictions)] = ()
@@ -280,6 +290,40 @@ class ControlSection(_Frozen):
     # reloads started in any 60 s (null: unlimited). A change held by it is "reload-budget".
     max_concurrent_reloads: Count = 1
     max_reloads_per_minute: Count | None = 6
+
+
+class VerifySettings(_Frozen):
+    """`verify`: after each load-driven change, compare a window before with a window after
+    (control/verify.py); revert what did not help, remember the useful ceiling."""
+
+    enabled: StrictBool = True
+    # After the reload finished, wait this long before the after-window starts (warm-up).
+    settle_s: Seconds = 10.0
+    # Length of the after-window (and the most of the before-window that counts).
+    window_s: PositiveSeconds = 20.0
+    # A gain smaller than this (throughput up, or latency down, as a ratio) is noise; so is a loss.
+    min_gain_ratio: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.1
+    # p95 (or Triton's mean latency without the proxy) may grow by at most this ratio.
+    max_p95_worsening_ratio: Annotated[StrictFloat, Field(ge=0)] = 0.25
+    # The share of requests that fail may rise by at most this (absolute: 0.01 = one point).
+    max_error_increase_ratio: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
+    # The windows compare only when the in-flight mean or the arrival rate moved by at most this.
+    max_load_change_ratio: Annotated[StrictFloat, Field(ge=0)] = 0.25
+    # A learned ceiling holds this long (or until the profile above it changes), then one probe.
+    ceiling_backoff_s: Seconds = 600.0
+
+
+class VerifyOverride(_Frozen):
+    """`models.<name>.verify`: any `defaults.verify` key; absent keys come from the defaults."""
+
+    enabled: StrictBool | None = None
+    settle_s: Seconds | None = None
+    window_s: PositiveSeconds | None = None
+    min_gain_ratio: Annotated[StrictFloat, Field(ge=0, lt=1)] | None = None
+    max_p95_worsening_ratio: Annotated[StrictFloat, Field(ge=0)] | None = None
+    max_error_increase_ratio: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
+    max_load_change_ratio: Annotated[StrictFloat, Field(ge=0)] | None = None
+    ceiling_backoff_s: Seconds | None = None
 
 
 class LoggingSection(_Frozen):
@@ -314,6 +358,7 @@ class ModelSettings(_Frozen):
     gpu_memory_headroom_bytes: Bytes = 0
     # The first rule whose range holds the count wins.
     profiles: Profiles = BUILTIN_PROFILES
+    verify: Annotated[VerifySettings, BeforeValidator(_empty_as_default)] = VerifySettings()
 
 
 class ModelOverride(_Frozen):
@@ -334,6 +379,7 @@ class ModelOverride(_Frozen):
     gpu_memory_headroom_ratio: Annotated[StrictFloat, Field(ge=0, lt=1)] | None = None
     gpu_memory_headroom_bytes: Bytes | None = None
     profiles: Profiles | None = None
+    verify: VerifyOverride | None = None  # merged key by key over defaults.verify
     # This model's cap on requests in flight through the proxy (else proxy.max_inflight).
     max_inflight: Count | None = None
 
@@ -370,6 +416,20 @@ class Policy(_Frozen):
 # What the decision core reads
 
 @dataclass(frozen=True)
+class VerifyPolicy:
+    """One model's `verify` keys, defaults merged with its overrides (`VerifySettings`)."""
+
+    enabled: bool = True
+    settle_s: float = 10.0
+    window_s: float = 20.0
+    min_gain_ratio: float = 0.1
+    max_p95_worsening_ratio: float = 0.25
+    max_error_increase_ratio: float = 0.01
+    max_load_change_ratio: float = 0.25
+    ceiling_backoff_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class ResolvedModelPolicy:
     """One controlled model's policy, defaults merged with its overrides.
 
@@ -395,6 +455,7 @@ class ResolvedModelPolicy:
     reload_strategy: ReloadStrategy = "full"
     failed_config_backoff_s: float = 300.0
     max_signal_age_s: float = 5.0
+    verify: VerifyPolicy = VerifyPolicy()
 
     def profile_for(self, count: int) -> Profile | None:
         """The first rule whose range holds the count (None only in an unvalidated policy)."""
@@ -424,6 +485,8 @@ def resolve(policy: Policy) -> dict[str, ResolvedModelPolicy]:
 def _resolve_one(policy: Policy, name: str, override: ModelOverride) -> ResolvedModelPolicy:
     merged = {key: (getattr(override, key) if getattr(override, key) is not None else getattr(policy.defaults, key))
               for key in ModelSettings.model_fields}
+    own_verify = override.verify.model_dump(exclude_none=True) if override.verify is not None else {}
+    merged["verify"] = VerifyPolicy(**(policy.defaults.verify.model_dump() | own_verify))
     return ResolvedModelPolicy(
         model=name, **merged,
         reload_strategy=policy.control.reload_strategy,
@@ -922,5 +985,6 @@ __all__ = [
     "BOOLEAN_FLAGS", "BUILTIN_PROFILES", "ControlSection", "GENERATION_PARAMETER", "KNOWN_FLAGS",
     "LoggingSection", "MetricsSection", "ModelOverride", "ModelSettings", "PROCESS_GLOBAL_FLAGS", "Policy",
     "PolicyError", "Profile", "ProxySection", "ResolvedModelPolicy", "THREAD_COUNT_FLAGS", "TritonSection",
-    "load_policy", "parse_flag_bool", "parse_flag_int", "parse_policy", "policy_warnings", "resolve",
+    "VerifyOverride", "VerifyPolicy", "VerifySettings", "load_policy", "parse_flag_bool", "parse_flag_int",
+    "parse_policy", "policy_warnings", "resolve",
 ]

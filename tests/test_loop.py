@@ -25,7 +25,7 @@ from tritonpilot.control.actuator import CONFIG_FAILURES, Actuator, ReloadOutcom
 from tritonpilot.control.decide import Action, Decision, Reason
 from tritonpilot.control.loop import Controller
 from tritonpilot.control.overrides import build_override, matches, read_state
-from tritonpilot.control.policy import BUILTIN_PROFILES, GENERATION_PARAMETER, ResolvedModelPolicy
+from tritonpilot.control.policy import BUILTIN_PROFILES, GENERATION_PARAMETER, ResolvedModelPolicy, VerifyPolicy
 from tritonpilot.control.triton import LoadFailed, LoadTimedOut, StatsSample, TritonError, TritonUnavailable
 from tritonpilot.proxy.gpu import GpuSample as ProxyGpuSample
 from tritonpilot.proxy.gpu import GpuSnapshot
@@ -42,6 +42,9 @@ POLICY = ResolvedModelPolicy(
     max_step=4, cooldown_s=10.0, gpu_utilization_ceiling_ratio=0.95, gpu_memory_headroom_ratio=0.1,
     gpu_memory_headroom_bytes=0, profiles=BUILTIN_PROFILES, reload_strategy="full",
     failed_config_backoff_s=300.0, max_signal_age_s=5.0,
+    # FakeTriton's throughput does not follow the instance count, so every scale-up would be
+    # "no-gain" and reverted; tests/test_verify.py drives verification with one whose does.
+    verify=VerifyPolicy(enabled=False),
 )
 
 
@@ -932,7 +935,7 @@ async def test_status_is_plain_json_with_policy_counts_profile_pending_and_decis
                                        "max_reloads_per_minute": 6, "waiting": []}
     m = status["models"][MODEL]
     assert set(m) == {"policy", "instances", "profile", "config_error", "pending_reload", "last_reload",
-                      "memory_per_instance_bytes", "decisions"}
+                      "memory_per_instance_bytes", "decisions", "verify"}
     assert m["policy"]["max_instances"] == 4 and m["policy"]["target_inflight_per_instance"] == 1.0
     assert m["policy"]["scale_up_delay_s"] == 5.0 and m["policy"]["reload_strategy"] == "full"
     assert m["policy"]["profiles"] == [
@@ -970,7 +973,7 @@ async def test_metrics_names_and_labels() -> None:
                 if not f.name.endswith("_created")}
     assert families == {"tritonpilot_model_instances": "gauge", "tritonpilot_model_profile": "gauge",
                         "tritonpilot_reloads": "counter", "tritonpilot_reload_duration_seconds": "histogram",
-                        "tritonpilot_decisions": "counter"}
+                        "tritonpilot_decisions": "counter", "tritonpilot_verifications": "counter"}
 
 
 def test_two_controllers_in_one_process_do_not_clash() -> None:

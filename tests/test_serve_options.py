@@ -46,7 +46,7 @@ def test_every_option_has_its_environment_variable_in_help(capsys: pytest.Captur
         cli.main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     dests = [a.dest for a in serve._options()._actions]
-    assert len(dests) == 23
+    assert len(dests) == 31
     for dest in dests:
         assert f"env {serve.env_name(dest)}" in text, dest
     assert "Precedence: option > environment > policy file > default." in text

@@ -75,6 +75,16 @@ def print_model(m: ResolvedModelPolicy, out: TextIO) -> None:
           f"per step; cooldown >= {_n(m.cooldown_s)}s and >= the last reload's duration", file=out)
     print(f"  GPU: no new instance at >= {m.gpu_utilization_ceiling_ratio:.0%} utilization; keep "
           f"max({m.gpu_memory_headroom_ratio:.0%} of memory, {m.gpu_memory_headroom_bytes} bytes) free", file=out)
+    v = m.verify
+    if v.enabled:
+        print(f"  verify each change: {_n(v.settle_s)}s settle, then {_n(v.window_s)}s against the window before; "
+              f"a gain is >= {v.min_gain_ratio:.0%} throughput or latency", file=out)
+        print(f"    reverted on p95 > +{v.max_p95_worsening_ratio:.0%}, failed share up > "
+              f"{v.max_error_increase_ratio * 100:g} point(s), or no gain while saturated "
+              f"(then a ceiling for {_n(v.ceiling_backoff_s)}s); "
+              f"inconclusive when in flight and arrival both moved > {v.max_load_change_ratio:.0%}", file=out)
+    else:
+        print("  verify: off (changes are not judged, reverted or probed)", file=out)
     print("  profile by count:", file=out)
     for count in range(m.min_instances, m.max_instances + 1):
         profile = m.profile_for(count)

@@ -50,6 +50,13 @@ class SidecarConfig:
     idle_timeout_s: float | None = None
     max_connection_age_s: float | None = None
     max_connection_age_grace_s: float = 30.0
+    # HTTP/2 abuse limits per client connection (proxy/limits.py Http2Limits); None = off.
+    max_resets_per_s: int | None = 1000
+    max_header_block_bytes: int | None = 65536
+    max_settings_per_s: int | None = 100
+    max_pings_per_s: int | None = 1000
+    max_empty_frames_per_s: int | None = 100
+    max_concurrent_streams: int | None = None
     gpu_interval_s: float = 1.0
     log_format: str = "console"
     log_level: str = "INFO"

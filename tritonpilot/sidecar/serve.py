@@ -14,9 +14,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -27,7 +27,7 @@ from tritonpilot import exits
 from tritonpilot.logs import configure_logging
 from tritonpilot.proxy.gpu import GpuSampler, NullGpuSampler, TritonMetricsGpuSource, make_gpu_sampler
 from tritonpilot.proxy.http import MetricsServer
-from tritonpilot.proxy.limits import ConnectionLimits
+from tritonpilot.proxy.limits import ConnectionLimits, Http2Limits
 from tritonpilot.proxy.metrics import ConnectionCollector, ProxyCollector, new_registry
 from tritonpilot.proxy.relay import Relay, RelayOptions
 from tritonpilot.proxy.restrict import SYNTAX, RestrictionError, groups_text, parse_restrictions
@@ -36,14 +36,21 @@ from tritonpilot.proxy.stats import ProxyStats
 from tritonpilot.proxy.tls import ServerTls, TlsError, TlsFiles, server_context, upstream_context
 from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig, parse_host_port
 
+if TYPE_CHECKING:
+    from tritonpilot.control.record import RecordWriter
+    from tritonpilot.sidecar.reload import Loaded, PolicyDiff, ReloadSource
+
 log = structlog.get_logger(__name__)
 
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
                      ("grpc.max_reconnect_backoff_ms", 2000)]
+# serve --record: about 15 hours of one model at one tick a second (~1.8 KB a line).
+DEFAULT_RECORD_MAX_BYTES = 100_000_000
 
 
 class Sidecar:
-    def __init__(self, config: SidecarConfig, controller_factory: ControllerFactory | None = None) -> None:
+    def __init__(self, config: SidecarConfig, controller_factory: ControllerFactory | None = None,
+                 policy_source: ReloadSource | None = None) -> None:
         self.config = config
         self.stats = ProxyStats()
         host, port = parse_host_port(config.triton, "--triton")
@@ -57,6 +64,7 @@ class Sidecar:
             connect_timeout_s=config.connect_timeout_s,
             tcp_keepalive_s=config.tcp_keepalive_s,
             limits=connection_limits(config),
+            http2=http2_limits(config),
             server_ssl=self.tls.listener if self.tls else None,
             upstream_ssl=upstream_ssl,
             restricted_protocols=parse_restrictions(config.restricted_protocols),
@@ -67,9 +75,15 @@ class Sidecar:
         collectors: list[Any] = [ProxyCollector(self.stats, self.gpu), ConnectionCollector(self.relay.guard.snapshot)]
         self.registry = new_registry(collectors)
         self.controller = controller_factory(self.stats, self.gpu, self.registry) if controller_factory else None
+        self.policy_source = policy_source
+        self.reloader = None
+        if policy_source is not None:  # SIGHUP and a change of the file reload the policy
+            from tritonpilot.sidecar.reload import PolicyReloader
+            self.reloader = PolicyReloader(policy_source.path, policy_source.current, policy_source.load,
+                                           self._apply_policy, registry=self.registry)
         mhost, mport = parse_host_port(config.metrics_listen, "--metrics-listen")
         self.metrics = MetricsServer(mhost, mport, self.registry, self._triton_ready,
-                                     self.controller.status if self.controller else None)
+                                     self.status if self.controller or self.reloader else None)
         # /readyz must notice Triton's return within seconds, not after grpc's default
         # reconnect backoff (up to 120 s): cap it.
         if config.triton_tls_ca:
@@ -100,6 +114,8 @@ class Sidecar:
         self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-sampler"))
         if self.controller is not None:
             self._tasks.append(asyncio.create_task(self.controller.run(), name="controller"))
+        if self.policy_source is not None:
+            self._tasks.append(asyncio.create_task(self._watch_policy(), name="policy-watcher"))
         log.info("sidecar.started", listen=f"{host}:{self.port}" if self.port is not None else None,
                  triton=self.config.triton,
                  metrics=f"{self.config.metrics_listen.rpartition(':')[0]}:{self.metrics.port}",
@@ -129,13 +145,61 @@ class Sidecar:
             return
         log.info("sidecar.tls_reloaded", cert=self.tls.files.cert, client_ca=self.tls.files.client_ca)
 
+    def on_sighup(self) -> None:
+        """SIGHUP: re-read the TLS files (when TLS is on) and the policy (when there is one)."""
+        self.reload_tls()
+        self.reload_policy("sighup")
+
+    def reload_policy(self, trigger: str) -> None:
+        if self.reloader is None:
+            return
+        try:
+            self.reloader.reload(trigger)
+        except Exception:  # a bug in applying must not take the sidecar down: it keeps serving
+            log.exception("policy.reload_failed", file=self.reloader.path, trigger=trigger)
+
+    async def _watch_policy(self) -> None:
+        assert self.policy_source is not None
+        source = self.policy_source
+        while True:
+            await asyncio.sleep(source.poll_interval_s)
+            if source.watcher.changed():
+                self.reload_policy("file")
+
+    def _apply_policy(self, new: Loaded, diff: PolicyDiff) -> None:
+        """A valid reloaded policy: the relay swaps what it takes live (open connections too),
+        the controller takes its models and settings at its next tick."""
+        from tritonpilot.control.policy import resolve
+        from tritonpilot.sidecar.wiring import controller_factory_from_policy, replace_controller_policy
+
+        config = new.config
+        self.relay.reconfigure(allow_client_model_control=config.allow_client_model_control,
+                               max_message_bytes=config.max_message_bytes,
+                               restricted_protocols=parse_restrictions(config.restricted_protocols),
+                               max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight)))
+        self.config = config  # grace_period_s is read at shutdown
+        if self.controller is not None:
+            replace_controller_policy(self.controller, new.policy)  # type: ignore[arg-type]
+        elif resolve(new.policy):  # started with no model to control: the first ones start it
+            self.controller = controller_factory_from_policy(new.policy, triton_url=config.triton)(
+                self.stats, self.gpu, self.registry)
+            if self.controller is not None:
+                self._tasks.append(asyncio.create_task(self.controller.run(), name="controller"))
+
+    def status(self) -> dict[str, Any]:
+        """/status: the controller's, and the last policy reload."""
+        out = self.controller.status() if self.controller is not None else {"models": {}}
+        if self.reloader is not None:
+            out["policy_reload"] = self.reloader.status()
+        return out
+
     async def serve(self) -> bool:
         """Run until SIGTERM/SIGINT, then shut down gracefully. False when the controller died."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        if self.tls is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.reload_tls)
+        if self.tls is not None or self.reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
         await self.start()
         # A controller that dies is a bug worth stopping for, not a silent half-sidecar.
         waiters = [asyncio.create_task(self.stopping.wait()), *[t for t in self._tasks if t.get_name() == "controller"]]
@@ -211,6 +275,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connection-age-grace-s", type=float, metavar="S",
                         help="after such a GOAWAY (age or idle), calls still open past S are closed "
                              f"(default {d.max_connection_age_grace_s:g})")
+    calm = "GOAWAY ENHANCE_YOUR_CALM and close the client connection"
+    parser.add_argument("--max-resets-per-s", type=int, metavar="N",
+                        help=f"{calm} past N RST_STREAMs from it within 1 s (rapid reset; "
+                             f"default {d.max_resets_per_s}; 0: off)")
+    parser.add_argument("--max-header-block-bytes", type=int, metavar="N",
+                        help=f"{calm} when one header block (HEADERS + CONTINUATION) passes N bytes, before "
+                             f"buffering or forwarding more (default {d.max_header_block_bytes}; 0: off)")
+    parser.add_argument("--max-settings-per-s", type=int, metavar="N",
+                        help=f"{calm} past N SETTINGS frames from it within 1 s "
+                             f"(default {d.max_settings_per_s}; 0: off)")
+    parser.add_argument("--max-pings-per-s", type=int, metavar="N",
+                        help=f"{calm} past N PINGs from it within 1 s (default {d.max_pings_per_s}; 0: off)")
+    parser.add_argument("--max-empty-frames-per-s", type=int, metavar="N",
+                        help=f"{calm} past N empty frames from it within 1 s: DATA without END_STREAM, "
+                             f"HEADERS/CONTINUATION not ending the block (default {d.max_empty_frames_per_s}; 0: off)")
+    parser.add_argument("--max-concurrent-streams", type=int, metavar="N",
+                        help="calls open at once per client connection: the client is told min(Triton's, N), "
+                             "streams past N get REFUSED_STREAM, which gRPC clients retry "
+                             "(default: Triton's own; 0: off)")
+    parser.add_argument("--record", metavar="FILE",
+                        help="append every controller tick (each model's signals, decision and policy hash) to "
+                             "FILE as JSON lines, for `tritonpilot replay` (default: no recording)")
+    parser.add_argument("--record-max-bytes", type=int, metavar="N",
+                        help=f"stop recording (with a log line) before FILE passes N bytes "
+                             f"(default {DEFAULT_RECORD_MAX_BYTES})")
     parser.add_argument("--log-format", choices=["json", "console"], help=f"(default {d.log_format})")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help=f"(default {d.log_level})")
     for action in parser._actions:
@@ -263,7 +352,9 @@ def apply_environment(parser: argparse.ArgumentParser, args: argparse.Namespace,
 _OPTION_FIELDS = ("triton", "triton_metrics_url", "listen", "metrics_listen", "allow_client_model_control",
                   "max_message_bytes", "max_inflight", "grace_period_s", "tcp_keepalive_s", "log_format", "log_level",
                   "tls_cert", "tls_key", "tls_client_ca", "triton_tls_ca", "max_connections", "preface_timeout_s",
-                  "idle_timeout_s", "max_connection_age_s", "max_connection_age_grace_s")
+                  "idle_timeout_s", "max_connection_age_s", "max_connection_age_grace_s", "max_resets_per_s",
+                  "max_header_block_bytes", "max_settings_per_s", "max_pings_per_s", "max_empty_frames_per_s",
+                  "max_concurrent_streams")
 
 
 def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarConfig:
@@ -292,9 +383,27 @@ def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarCo
     return config
 
 
+def policy_loader(args: argparse.Namespace) -> Callable[[], Loaded]:
+    """Reads the policy file again as run() read it at start: the options and environment
+    in `args` still win over it. Raises PolicyError or ValueError as run() would refuse it."""
+
+    def load() -> Loaded:
+        from tritonpilot.sidecar.reload import Loaded
+        from tritonpilot.sidecar.wiring import sidecar_config_from_policy
+
+        base, policy = sidecar_config_from_policy(args.policy)
+        return Loaded(config_from_args(args, base), policy)
+
+    return load
+
+
 # Options where 0 means "off" (None in SidecarConfig).
 _OFF_AT_ZERO = {"max_connections": "--max-connections", "preface_timeout_s": "--preface-timeout-s",
-                "idle_timeout_s": "--idle-timeout-s", "max_connection_age_s": "--max-connection-age-s"}
+                "idle_timeout_s": "--idle-timeout-s", "max_connection_age_s": "--max-connection-age-s",
+                "max_resets_per_s": "--max-resets-per-s", "max_header_block_bytes": "--max-header-block-bytes",
+                "max_settings_per_s": "--max-settings-per-s", "max_pings_per_s": "--max-pings-per-s",
+                "max_empty_frames_per_s": "--max-empty-frames-per-s",
+                "max_concurrent_streams": "--max-concurrent-streams"}
 
 
 def _connection_limits_checked(config: SidecarConfig) -> SidecarConfig:
@@ -314,6 +423,13 @@ def connection_limits(config: SidecarConfig) -> ConnectionLimits:
     return ConnectionLimits(max_connections=config.max_connections, preface_timeout_s=config.preface_timeout_s,
                             idle_timeout_s=config.idle_timeout_s, max_connection_age_s=config.max_connection_age_s,
                             max_connection_age_grace_s=config.max_connection_age_grace_s)
+
+
+def http2_limits(config: SidecarConfig) -> Http2Limits:
+    return Http2Limits(max_resets_per_s=config.max_resets_per_s, max_header_block_bytes=config.max_header_block_bytes,
+                       max_settings_per_s=config.max_settings_per_s, max_pings_per_s=config.max_pings_per_s,
+                       max_empty_frames_per_s=config.max_empty_frames_per_s,
+                       max_concurrent_streams=config.max_concurrent_streams)
 
 
 def tls_files(config: SidecarConfig) -> TlsFiles:
@@ -336,14 +452,33 @@ def _check_tls(config: SidecarConfig) -> None:
         upstream_context(config.triton_tls_ca)
 
 
+def record_writer(args: argparse.Namespace, has_policy: bool) -> RecordWriter | None:
+    """--record FILE: the writer, opened now, so a path that can't be written is a usage error."""
+    path, max_bytes = getattr(args, "record", None), getattr(args, "record_max_bytes", None)
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"--record-max-bytes: got {max_bytes}; must be >= 1")
+    if not path:
+        return None
+    if not has_policy:
+        raise ValueError("--record: needs --policy (without one there is no controller to record)")
+    from tritonpilot.control.record import RecordWriter
+    try:
+        return RecordWriter(path, max_bytes=max_bytes or DEFAULT_RECORD_MAX_BYTES,
+                            policy_path=os.path.abspath(args.policy))
+    except OSError as exc:
+        raise ValueError(f"--record: cannot append to {path}: {exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         args = apply_environment(_options(), args, os.environ)
     except ValueError as exc:
         print(f"tritonpilot serve: {exc}", file=sys.stderr)
         return exits.USAGE
-    base, policy = SidecarConfig(), None
+    base, policy, watcher = SidecarConfig(), None, None
     if args.policy:
+        from tritonpilot.sidecar.reload import PolicyFileWatcher
+        watcher = PolicyFileWatcher(args.policy)  # before the read: a change in between is not missed
         from tritonpilot.control.policy import PolicyError  # the composition root may know both planes
         from tritonpilot.sidecar.wiring import sidecar_config_from_policy
         try:
@@ -356,14 +491,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tritonpilot serve: {exc}", file=sys.stderr)
         return exits.USAGE
+    try:
+        recorder = record_writer(args, policy is not None)
+    except ValueError as exc:
+        print(f"tritonpilot serve: {exc}", file=sys.stderr)
+        return exits.USAGE
     factory: ControllerFactory | None = None
     if policy is not None:
         from tritonpilot.sidecar.wiring import controller_factory_from_policy
-        factory = controller_factory_from_policy(policy, triton_url=config.triton)
+        factory = controller_factory_from_policy(policy, triton_url=config.triton, recorder=recorder)
+    source = None
+    if policy is not None and watcher is not None:
+        from tritonpilot.sidecar.reload import Loaded, ReloadSource
+        source = ReloadSource(args.policy, Loaded(config, policy), policy_loader(args), watcher)
     configure_logging(config.log_format, config.log_level)
 
     async def main() -> bool:
-        return await Sidecar(config, factory).serve()
+        return await Sidecar(config, factory, source).serve()
 
     try:
         healthy = uvloop.run(main())

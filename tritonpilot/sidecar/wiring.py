@@ -11,6 +11,7 @@ from pathlib import Path
 from tritonpilot.control.actuator import Actuator
 from tritonpilot.control.loop import Controller, LiveSources
 from tritonpilot.control.policy import Policy, load_policy, policy_warnings, resolve
+from tritonpilot.control.record import Recorder
 from tritonpilot.control.triton import TritonClient
 from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig
 
@@ -36,6 +37,12 @@ def sidecar_config(policy: Policy) -> SidecarConfig:
         idle_timeout_s=policy.proxy.idle_timeout_s,
         max_connection_age_s=policy.proxy.max_connection_age_s,
         max_connection_age_grace_s=policy.proxy.max_connection_age_grace_s,
+        max_resets_per_s=policy.proxy.max_resets_per_s,
+        max_header_block_bytes=policy.proxy.max_header_block_bytes,
+        max_settings_per_s=policy.proxy.max_settings_per_s,
+        max_pings_per_s=policy.proxy.max_pings_per_s,
+        max_empty_frames_per_s=policy.proxy.max_empty_frames_per_s,
+        max_concurrent_streams=policy.proxy.max_concurrent_streams,
         log_format=policy.logging.format,
         log_level=policy.logging.level,
     )
@@ -47,7 +54,20 @@ def sidecar_config_from_policy(path: str | Path) -> tuple[SidecarConfig, Policy]
     return sidecar_config(policy), policy
 
 
-def controller_factory_from_policy(policy: Policy, triton_url: str | None = None) -> ControllerFactory:
+def replace_controller_policy(controller: Controller, policy: Policy) -> None:
+    """A reloaded policy into a running controller: its models and settings at its next tick,
+    the actuator's timeouts for the reloads it starts from now on."""
+    controller.replace_policies(resolve(policy), interval_s=policy.control.interval_s,
+                                dry_run=policy.control.dry_run,
+                                max_concurrent_reloads=policy.control.max_concurrent_reloads,
+                                max_reloads_per_minute=policy.control.max_reloads_per_minute)
+    if isinstance(controller.applier, Actuator):
+        controller.applier.timeout_s = policy.control.reload_timeout_s
+        controller.applier.failed_config_backoff_s = policy.control.failed_config_backoff_s
+
+
+def controller_factory_from_policy(policy: Policy, triton_url: str | None = None,
+                                   recorder: Recorder | None = None) -> ControllerFactory:
     """A factory the Sidecar calls with its stats, GPU sampler and registry. No models under
     `models` -> no controller: everything is proxied, nothing reloaded."""
 
@@ -66,6 +86,6 @@ def controller_factory_from_policy(policy: Policy, triton_url: str | None = None
         return Controller(policies, LiveSources(stats, gpu_sampler, triton), actuator,
                           interval_s=policy.control.interval_s, dry_run=policy.control.dry_run, registry=registry,
                           max_concurrent_reloads=policy.control.max_concurrent_reloads,
-                          max_reloads_per_minute=policy.control.max_reloads_per_minute)
+                          max_reloads_per_minute=policy.control.max_reloads_per_minute, recorder=recorder)
 
     return factory

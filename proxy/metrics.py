@@ -89,12 +89,14 @@ def _proxy_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMe
 
 def _gpu_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
     return (
+        # gpu: the sampler's index (NVML's, or the order of Triton's /metrics); uuid: the GPU's
+        # UUID, as Triton's own nv_gpu_* series carry it in gpu_uuid.
         GaugeMetricFamily("tritonpilot_gpu_utilization_ratio",
-                          "GPU utilization, 0..1, per GPU.", labels=["gpu"]),
+                          "GPU utilization, 0..1, per GPU.", labels=["gpu", "uuid"]),
         GaugeMetricFamily("tritonpilot_gpu_memory_used_bytes",
-                          "GPU memory used, per GPU.", labels=["gpu"]),
+                          "GPU memory used, per GPU.", labels=["gpu", "uuid"]),
         GaugeMetricFamily("tritonpilot_gpu_memory_total_bytes",
-                          "GPU memory in total, per GPU.", labels=["gpu"]),
+                          "GPU memory in total, per GPU.", labels=["gpu", "uuid"]),
     )
 
 
@@ -122,7 +124,7 @@ def gpu_families(snapshot: GpuSnapshot) -> list[Metric]:
         return []
     utilization, used, total = _gpu_families()
     for gpu in snapshot.gpus:
-        label = [str(gpu.index)]
+        label = [str(gpu.index), gpu.uuid]
         utilization.add_metric(label, gpu.utilization_ratio)
         used.add_metric(label, gpu.memory_used_bytes)
         total.add_metric(label, gpu.memory_total_bytes)

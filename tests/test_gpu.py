@@ -20,6 +20,7 @@ from tritonpilot.proxy.gpu import (
     NullGpuSampler,
     NvmlGpuSampler,
     TritonMetricsGpuSource,
+    cuda_device_order,
     make_gpu_sampler,
     parse_triton_gpu_metrics,
 )
@@ -39,6 +40,7 @@ class FakeGpu:
     memory_total_bytes: int
     # Raised by nvmlDeviceGetUtilizationRates while set, as a lost GPU would.
     error: Exception | None = None
+    uuid: str = ""
 
 
 @dataclass
@@ -68,6 +70,9 @@ class FakeNvml:
     def nvmlDeviceGetName(self, handle: FakeGpu) -> str:
         return handle.name
 
+    def nvmlDeviceGetUUID(self, handle: FakeGpu) -> bytes:
+        return handle.uuid.encode()  # as older nvidia-ml-py versions return it
+
     def nvmlDeviceGetUtilizationRates(self, handle: FakeGpu) -> SimpleNamespace:
         if handle.error is not None:
             raise handle.error
@@ -78,10 +83,14 @@ class FakeNvml:
                                free=handle.memory_total_bytes - handle.memory_used_bytes)
 
 
+UUID0 = "GPU-0a1b2c3d-0000-4000-8000-000000000000"
+UUID1 = "GPU-9f8e7d6c-1111-4111-8111-111111111111"
+
+
 def two_gpus() -> FakeNvml:
     return FakeNvml(gpus=[
-        FakeGpu("NVIDIA H100 80GB HBM3", 37, 10 * GIB, 80 * GIB),
-        FakeGpu("NVIDIA H100 80GB HBM3", 100, 79 * GIB, 80 * GIB),
+        FakeGpu("NVIDIA H100 80GB HBM3", 37, 10 * GIB, 80 * GIB, uuid=UUID0),
+        FakeGpu("NVIDIA H100 80GB HBM3", 100, 79 * GIB, 80 * GIB, uuid=UUID1),
     ])
 
 
@@ -108,16 +117,16 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> No
 
 def test_nvml_sample_reports_every_gpu_with_ratio_and_bytes() -> None:
     nvml, clock = two_gpus(), FakeClock(1000.0)
-    sampler = NvmlGpuSampler(1.0, nvml=nvml, clock=clock)
+    sampler = NvmlGpuSampler(1.0, nvml=nvml, clock=clock, env={})
 
     assert sampler.latest().gpus is None  # before any sample: no data, not zeros
     clock.now_s = 1001.5
     snapshot = sampler.sample()
 
     assert snapshot == GpuSnapshot(1001.5, (
-        GpuSample(0, "NVIDIA H100 80GB HBM3", 0.37, 10 * GIB, 80 * GIB),
-        GpuSample(1, "NVIDIA H100 80GB HBM3", 1.0, 79 * GIB, 80 * GIB),
-    ), "nvml")
+        GpuSample(0, "NVIDIA H100 80GB HBM3", 0.37, 10 * GIB, 80 * GIB, UUID0),
+        GpuSample(1, "NVIDIA H100 80GB HBM3", 1.0, 79 * GIB, 80 * GIB, UUID1),
+    ), "nvml", cuda_uuids=(UUID0, UUID1), cuda_order="NVML order (CUDA_VISIBLE_DEVICES unset)")
     assert sampler.latest() == snapshot
 
 
@@ -309,16 +318,18 @@ def test_triton_metrics_source_reads_gpus_in_triton_order() -> None:
     async def scenario() -> tuple[GpuSnapshot, GpuSnapshot]:
         runner, base = await serve_text({"/metrics": TRITON_GPU_METRICS})
         try:
-            source = TritonMetricsGpuSource(f"{base}/metrics", clock=FakeClock(7.0))
+            source = TritonMetricsGpuSource(f"{base}/metrics", clock=FakeClock(7.0), env={})
             return await source.sample(), source.latest()
         finally:
             await runner.cleanup()
 
     snapshot, latest = run(scenario())  # type: ignore[misc]
+    # Two GPUs and no CUDA_VISIBLE_DEVICES: which is CUDA device 0 is not known.
     assert snapshot == GpuSnapshot(7.0, (
-        GpuSample(0, "GPU-aaaa", 0.25, 1 * GIB, 80 * GIB),
-        GpuSample(1, "GPU-bbbb", 0.5, 2 * GIB, 80 * GIB),
-    ), "triton-metrics")
+        GpuSample(0, "GPU-aaaa", 0.25, 1 * GIB, 80 * GIB, "GPU-aaaa"),
+        GpuSample(1, "GPU-bbbb", 0.5, 2 * GIB, 80 * GIB, "GPU-bbbb"),
+    ), "triton-metrics", cuda_uuids=None, cuda_order=snapshot.cuda_order)
+    assert "no CUDA order" in snapshot.cuda_order
     assert latest == snapshot
 
 
@@ -393,3 +404,47 @@ def test_parse_triton_gpu_metrics_rejects_a_gpu_missing_a_value() -> None:
     snapshot = parse_triton_gpu_metrics(text, now_s=1.0)
     assert snapshot.gpus is None
     assert snapshot.reason == "GPU GPU-bbbb: missing nv_gpu_memory_used_bytes"
+
+
+# --- CUDA device ids -> UUIDs ------------------------------------------------------------
+
+A, B, C = "GPU-aaaa1111-0000", "GPU-bbbb2222-0000", "GPU-aaaa3333-0000"
+
+
+@pytest.mark.parametrize(("uuids", "visible", "nvml_order", "want"), [
+    # NVML: its order, or CUDA_VISIBLE_DEVICES' indices into it / UUIDs, in the order listed.
+    ((A, B, C), None, True, (A, B, C)),
+    ((A, B, C), "2,0", True, (C, A)),
+    ((A, B, C), f"{B},{A}", True, (B, A)),
+    ((A, B, C), "GPU-bbbb", True, (B,)),           # a prefix that names one GPU, as CUDA takes it
+    ((A, B, C), "GPU-aaaa", True, None),           # ... and one that names two: unknown
+    ((A, B, C), "3", True, None),                  # no such GPU
+    ((A, B, C), "0,0", True, None),                # a repeat
+    ((A, B, C), "MIG-aaaa1111/1/0", True, None),   # MIG: not a whole GPU
+    ((A, B, C), "", True, None),
+    # Triton's metrics: one GPU is device 0; several only through UUIDs naming all of them.
+    ((A,), None, False, (A,)),
+    ((A,), "1", False, (A,)),
+    ((A, B), None, False, None),
+    ((A, B), "1,0", False, None),                  # indices name nothing Triton exports
+    ((A, B), f"{B},{A}", False, (B, A)),
+    ((A, B), f"{B}", False, None),                 # not Triton's value: it exports two
+])
+def test_cuda_device_order_maps_cuda_ids_to_uuids_or_says_it_cannot(
+        uuids: tuple[str, ...], visible: str | None, nvml_order: bool, want: tuple[str, ...] | None) -> None:
+    order, how = cuda_device_order(uuids, visible, nvml_order)
+    assert order == want, how
+    assert how  # always says how it knew, or why not
+
+
+def test_nvml_sampler_orders_by_cuda_visible_devices() -> None:
+    sampler = NvmlGpuSampler(1.0, nvml=two_gpus(), env={"CUDA_VISIBLE_DEVICES": "1"})
+    snapshot = sampler.sample()
+    assert [g.uuid for g in snapshot.gpus or ()] == [UUID0, UUID1]  # NVML still sees both
+    assert (snapshot.cuda_uuids, snapshot.cuda_order) == ((UUID1,), "CUDA_VISIBLE_DEVICES")
+
+
+def test_triton_metrics_are_mapped_to_cuda_ids_through_cuda_visible_devices() -> None:
+    snapshot = parse_triton_gpu_metrics(TRITON_GPU_METRICS, 1.0, "GPU-bbbb,GPU-aaaa")
+    assert snapshot.cuda_uuids == ("GPU-bbbb", "GPU-aaaa")
+    assert [(g.index, g.uuid) for g in snapshot.gpus or ()] == [(0, "GPU-aaaa"), (1, "GPU-bbbb")]

@@ -40,8 +40,8 @@ class FixedGpuSampler:
 
 
 TWO_GPUS = GpuSnapshot(50.0, (
-    GpuSample(0, "NVIDIA H100", 0.37, 10 * GIB, 80 * GIB),
-    GpuSample(1, "NVIDIA H100", 1.0, 79 * GIB, 80 * GIB),
+    GpuSample(0, "NVIDIA H100", 0.37, 10 * GIB, 80 * GIB, "GPU-aaaa"),
+    GpuSample(1, "NVIDIA H100", 1.0, 79 * GIB, 80 * GIB, "GPU-bbbb"),
 ), "nvml")
 
 
@@ -111,13 +111,15 @@ def test_collector_exports_the_latency_histogram_bucket_by_bucket() -> None:
 def test_collector_exports_gpus_when_there_are_data() -> None:
     samples = scrape(ProxyCollector(ProxyStats(), FixedGpuSampler(TWO_GPUS)))
     gpu_samples = {key: value for key, value in samples.items() if "_gpu_" in key[0]}
+    # uuid: the same value as Triton's gpu_uuid label, so the two can be joined.
+    a, b = (("gpu", "0"), ("uuid", "GPU-aaaa")), (("gpu", "1"), ("uuid", "GPU-bbbb"))
     assert gpu_samples == {
-        ("tritonpilot_gpu_utilization_ratio", (("gpu", "0"),)): 0.37,
-        ("tritonpilot_gpu_utilization_ratio", (("gpu", "1"),)): 1.0,
-        ("tritonpilot_gpu_memory_used_bytes", (("gpu", "0"),)): 10 * GIB,
-        ("tritonpilot_gpu_memory_used_bytes", (("gpu", "1"),)): 79 * GIB,
-        ("tritonpilot_gpu_memory_total_bytes", (("gpu", "0"),)): 80 * GIB,
-        ("tritonpilot_gpu_memory_total_bytes", (("gpu", "1"),)): 80 * GIB,
+        ("tritonpilot_gpu_utilization_ratio", a): 0.37,
+        ("tritonpilot_gpu_utilization_ratio", b): 1.0,
+        ("tritonpilot_gpu_memory_used_bytes", a): 10 * GIB,
+        ("tritonpilot_gpu_memory_used_bytes", b): 79 * GIB,
+        ("tritonpilot_gpu_memory_total_bytes", a): 80 * GIB,
+        ("tritonpilot_gpu_memory_total_bytes", b): 80 * GIB,
     }
 
 
@@ -251,7 +253,7 @@ def test_metrics_serves_prometheus_text() -> None:
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(body) for s in family.samples}
     assert samples[("tritonpilot_inflight_requests", (("model", "resnet"),))] == 2
-    assert samples[("tritonpilot_gpu_utilization_ratio", (("gpu", "1"),))] == 1.0
+    assert samples[("tritonpilot_gpu_utilization_ratio", (("gpu", "1"), ("uuid", "GPU-bbbb")))] == 1.0
     # Prometheus asking for OpenMetrics gets it.
     assert om_status == 200 and om_type.startswith("application/openmetrics-text")
     assert om_body.rstrip().endswith("# EOF")

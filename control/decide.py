@@ -53,7 +53,9 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    - GPU memory: after the reload, free memory must stay >= the headroom, where a full
      reload briefly adds a whole new copy (count x bytes per instance) and an in-place
      update adds only the new instances. Bytes per instance are learned from reloads
-     (`observe_reload`); before that, only today's headroom can be checked. The largest
+     (`observe_reload`: memory on the model's GPUs before the reload against a sample
+     taken verify.settle_s after it finished, when a full reload's old copy is gone,
+     over the instances added on them); before that, only today's headroom can be checked. The largest
      count that fits is taken, else "memory-headroom";
    - the count + profile of a reload that failed less than failed_config_backoff_s ago
      is skipped (the next count toward the current one is tried), else
@@ -61,6 +63,10 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    Strategy: "full" always; "update" for count-only changes (a profile change needs a
    full reload); "auto" full when the memory headroom holds two copies, else update.
    Without GPU data the GPU guards cannot apply and the numbers say so.
+   The GPU figures are those of the model's own GPUs (`signals.gpu`, chosen by
+   control/gpus.py from its instance_group; numbers gpu_scope, gpu_uuids): the busiest
+   one's utilization, the fullest one's memory, so a busy neighbour GPU does not hold
+   it. A KIND_CPU model has no GPU guard (numbers: gpu "not-used").
 7. The pod-wide reload budget (`signals.budget`, shared by every model; the loop
    fills it): a change that would start a reload while max_concurrent_reloads are in
    progress, or while max_reloads_per_minute started in the last 60 s (a sliding
@@ -78,6 +84,14 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    down at a time, reason "verify-probe", while the load holds still. These wants go
    through every gate and guard above like any change; a load-driven scale-down below a
    probe ends the probing. Reverts are not verified again.
+9. The leak watchdog (`policy.leak`, control/leak.py has the rules): after each reload
+   of this model, once settled, Triton's memory (`signals.memory`, process resident
+   memory, and `signals.gpu`) is sampled per config (count, profile); a sample is
+   compared with the last one at the same config only when no other model reloaded in
+   between. Memory that rose by more than the threshold at `min_reloads` returns in a
+   row marks the model leak-suspected: from then on every wanted change, bounds and
+   panic included, is BLOCKED "leak-suspected" (numbers `leak_*`), before any other
+   gate, until `leak.enabled` is turned off.
 
 Every decision carries `numbers`: the measurements and thresholds behind it.
 """
@@ -90,7 +104,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal, Protocol, TypeVar
 
-from tritonpilot.control import verify
+from tritonpilot.control import leak, verify
 from tritonpilot.control.policy import Profile, ResolvedModelPolicy
 from tritonpilot.control.signals import RELOAD_RATE_WINDOW_S, GpuSample, LiveConfig, ReloadBudget, Signals
 
@@ -136,6 +150,7 @@ class Reason(StrEnum):
     VERIFY_REVERT = "verify-revert"  # undo a change whose verdict was no-gain or worse
     VERIFY_PROBE = "verify-probe"    # one count down after a jump, while throughput holds
     CEILING = "ceiling"              # a learned ceiling holds the count
+    LEAK_SUSPECTED = "leak-suspected"  # memory kept rising across reloads (control/leak.py)
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,7 @@ class State:
     changed_at_s: float | None = None      # the last decision that changed something
     memory_per_instance_bytes: float | None = None  # learned by observe_reload
     verify: verify.VerifyState = verify.VerifyState()  # windows, the change being verified, the ceiling
+    leak: leak.LeakState = leak.LeakState()  # memory samples per config after reloads, a suspected leak
 
 
 @dataclass(frozen=True)
@@ -182,7 +198,8 @@ def decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tuple
     measured = _measured_load(signals, policy)
     vs, outcomes = verify.observe(state.verify, signals, policy, config.instances if config is not None else None,
                                   measured.inflight_mean if measured is not None else None)
-    decision, state = _decide(signals, policy, replace(state, verify=vs))
+    state = replace(state, verify=vs, leak=leak.observe(state.leak, signals, policy))
+    decision, state = _decide(signals, policy, state)
     outcomes += decision.verdicts
     if not outcomes:
         return decision, state
@@ -215,6 +232,8 @@ def _decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tupl
     if action is Action.HOLD:
         return _decision(policy, now_s, action, reason, config, load.desired, current, None, numbers), state
 
+    if state.leak.suspected is not None:  # every reload would leak again: bounds and panic included
+        return _blocked(policy, now_s, Reason.LEAK_SUSPECTED, config, load.desired, numbers, reason, target), state
     if signals.reload_pending:
         return _blocked(policy, now_s, Reason.RELOAD_PENDING, config, load.desired, numbers, reason, target), state
     if _verifying_holds(state.verify.pending, reason):
@@ -586,12 +605,19 @@ def _signal_numbers(signals: Signals, policy: ResolvedModelPolicy, state: State)
     gpu = _fresh(signals.gpu, signals.now_s, policy.max_signal_age_s)
     if gpu is None:
         out["gpu"] = "no-data"
+    elif gpu.scope == "cpu":
+        out["gpu"] = "not-used"  # KIND_CPU instances only: no GPU guard
     else:
         out.update(gpu_utilization_ratio=gpu.utilization_ratio, gpu_memory_used_bytes=gpu.memory_used_bytes,
-                   gpu_memory_total_bytes=gpu.memory_total_bytes)
+                   gpu_memory_total_bytes=gpu.memory_total_bytes, gpu_scope=gpu.scope,
+                   gpu_uuids=",".join(gpu.uuids))
         if gpu.memory_total_bytes is not None:
             out["gpu_memory_headroom_bytes"] = _headroom_bytes(gpu.memory_total_bytes, policy)
     out["memory_per_instance_bytes"] = state.memory_per_instance_bytes
+    if signals.memory is not None and signals.memory.process_bytes is not None:
+        out["triton_process_bytes"] = signals.memory.process_bytes
+    if state.leak.suspected is not None:
+        out.update(leak.numbers(state.leak.suspected))
     if signals.last_reload is not None:
         out["last_reload_duration_s"] = signals.last_reload.duration_s
         out["last_reload_ok"] = int(signals.last_reload.ok)

@@ -27,17 +27,20 @@ from typing import Any, Protocol
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tritonpilot.control import verify
+from tritonpilot.control import leak, verify
 from tritonpilot.control.actuator import CONFIG_FAILURES, ReloadRequest, ReloadResult
 from tritonpilot.control.decide import Decision, Reason, State, decide, observe_reload
+from tritonpilot.control.gpus import ModelGpus, Selection, gpu_sample, memory_used_bytes, model_gpus, select
 from tritonpilot.control.overrides import read_state
 from tritonpilot.control.policy import ResolvedModelPolicy
+from tritonpilot.control.procmem import TritonProcessMemory
 from tritonpilot.control.record import NullRecorder, Recorder
 from tritonpilot.control.signals import (
     RELOAD_RATE_WINDOW_S,
     GpuSample,
     InflightSample,
     LiveConfig,
+    MemorySample,
     ReloadBudget,
     ReloadRecord,
     Signals,
@@ -96,6 +99,21 @@ class ControllerMetrics:
                                  ["model", "action", "reason"], registry=reg)
         self.verifications = Counter("tritonpilot_verifications", "Verdicts on changes (control/verify.py).",
                                      ["model", "verdict"], registry=reg)
+        self.leak_suspected = Gauge("tritonpilot_reload_leak_suspected",
+                                    "1 while memory at the same config kept rising across reloads of the model "
+                                    "(control/leak.py): its reconfiguration is stopped.", ["model"], registry=reg)
+
+
+@dataclass(frozen=True)
+class _Settling:
+    """A finished reload, waiting for a GPU sample taken once its old copy is gone (a full
+    reload frees the old copy only after it has drained): bytes per instance are learned
+    from that sample, not from one taken as the reload finished."""
+    finished_s: float
+    before_bytes: int
+    gpus: Selection
+    instances_before: int
+    instances_after: int
 
 
 @dataclass
@@ -108,7 +126,11 @@ class _ModelLoop:
     config: LiveConfig | None = None
     last_reload: ReloadRecord | None = None  # what decide sees: the last reload that worked or failed
     last_reload_report: dict[str, Any] | None = None  # /status: the last one whatever its result
-    memory_before_bytes: int | None = None
+    memory_before_bytes: int | None = None  # used on the model's GPUs together, when its reload was submitted
+    memory_gpus: Selection | None = None    # those GPUs, from the tick that submitted it
+    settling: _Settling | None = None       # a finished reload whose GPU memory is not learned from yet
+    gpus: ModelGpus | None = None           # where its instances run, from its last live config
+    gpu_selection: Selection | None = None  # the GPUs its guards read at the last tick
     decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     config_error: str | None = None
     budget_wait_since_s: float | None = None  # held by the reload budget since (first in line next)
@@ -126,6 +148,7 @@ class Controller:
         self.max_concurrent_reloads = max_concurrent_reloads
         self.max_reloads_per_minute = max_reloads_per_minute
         self._reload_starts: deque[float] = deque()  # when submitted reloads started, the last window's
+        self._reloads_finished = 0  # every model's, any result: the leak watchdog's attribution
         self.sources = sources
         self.applier = applier
         self.interval_s = interval_s
@@ -167,7 +190,8 @@ class Controller:
         snapshot = self.sources.proxy_snapshot(now_s)
         prev = self._prev_snapshot
         self._prev_snapshot = snapshot
-        gpu = _gpu_sample(self.sources.gpu())
+        gpus = self.sources.gpu()
+        memory = await self._memory(now_s)
         # Each model's config and statistics are two RPCs: read them all at once, so a tick
         # takes one round trip, not two per model.
         reads = await asyncio.gather(*(
@@ -180,10 +204,14 @@ class Controller:
             config, triton = read[name]
             inflight = (inflight_sample(prev.models.get(name), prev.now_s, snapshot.models.get(name), now_s)
                         if prev is not None else None)
+            self._learn_memory(name, m, gpus, now_s)
+            gpu = self._model_gpu(name, m, gpus, now_s)
             signals = Signals(now_s=now_s, inflight=inflight, config=config, triton=triton, gpu=gpu,
                               reload_pending=self.applier.pending(name) is not None, last_reload=m.last_reload,
-                              budget=self._budget(now_s))
+                              budget=self._budget(now_s), memory=memory)
+            suspected_before = m.state.leak.suspected
             decision, m.state = decide(signals, m.policy, m.state)
+            self._leak_watch(name, m, suspected_before)
             self.recorder.tick(signals, m.policy, decision)
             decisions[name] = decision
             self._record(m, decision, inflight)
@@ -191,7 +219,7 @@ class Controller:
                 m.budget_wait_since_s = m.budget_wait_since_s if m.budget_wait_since_s is not None else now_s
             else:
                 m.budget_wait_since_s = None
-            if decision.changes and self._apply(m, decision, gpu):
+            if decision.changes and self._apply(m, decision, gpus):
                 self._reload_starts.append(now_s)
         return [decisions[name] for name in self.models]
 
@@ -217,6 +245,7 @@ class Controller:
                 _remove_labels(self.metrics.profile, name, profile)
             if name not in policies:
                 _remove_labels(self.metrics.instances, name)
+                _remove_labels(self.metrics.leak_suspected, name)
         models = {}
         for name, policy in policies.items():
             models[name] = self.models.get(name) or _ModelLoop(policy)
@@ -226,6 +255,23 @@ class Controller:
         for key, value in settings.items():
             setattr(self, key, value)
         log.info("controller.policy_replaced", models=sorted(models), added=added, removed=removed, **settings)
+
+    async def _memory(self, now_s: float) -> MemorySample:
+        """Triton's process memory (sources without `process_memory` have none), with the
+        pod-wide count of finished reloads the leak watchdog attributes changes by."""
+        read = getattr(self.sources, "process_memory", None)
+        process_bytes, source = (await read()) if read is not None else (None, "none")
+        return MemorySample(at_s=now_s, process_bytes=process_bytes, reloads_finished=self._reloads_finished,
+                            source=source if process_bytes is not None else "none")
+
+    def _leak_watch(self, name: str, m: _ModelLoop, before: leak.Suspicion | None) -> None:
+        suspected = m.state.leak.suspected
+        self.metrics.leak_suspected.labels(name).set(0 if suspected is None else 1)
+        if suspected is not None and before is None:
+            log.warning("controller.leak_suspected", model=name, why=leak.why(suspected),
+                        **_loggable(leak.numbers(suspected)))
+        elif suspected is None and before is not None:
+            log.info("controller.leak_cleared", model=name)
 
     def _budget_order(self) -> list[str]:
         """Models that wait for the reload budget first, longest wait first; then the rest in order."""
@@ -257,6 +303,7 @@ class Controller:
             m.config = None
             return None
         live = read_state(config)
+        m.gpus = model_gpus(config)
         m.config = LiveConfig(at_s=now_s, instances=live.instances, parameters=live.parameters)
         self.metrics.instances.labels(name).set(live.instances)
         current = m.policy.live_profile(live.parameters)
@@ -278,7 +325,38 @@ class Controller:
         m.prev_counters, m.prev_counters_s = counters, now_s
         return sample
 
-    def _apply(self, m: _ModelLoop, decision: Decision, gpu: GpuSample | None) -> bool:
+    def _model_gpu(self, name: str, m: _ModelLoop, snapshot: GpuSnapshot, now_s: float) -> GpuSample | None:
+        """The GPU signal of this model: only the GPUs its instances run on (control/gpus.py)."""
+        selection = select(snapshot, m.gpus)
+        old = m.gpu_selection
+        if selection is not None and (old is None or (old.uuids, old.scope) != (selection.uuids, selection.scope)):
+            # The first is in /status; a change (a new config, GPUs coming or going) is news.
+            (log.debug if old is None else log.info)("controller.model_gpus", model=name, scope=selection.scope,
+                                                      uuids=",".join(selection.uuids), why=selection.why)
+        m.gpu_selection = selection if selection is not None else old
+        return gpu_sample(snapshot, selection, now_s)
+
+    def _learn_memory(self, name: str, m: _ModelLoop, snapshot: GpuSnapshot, now_s: float) -> None:
+        """Bytes per instance from the model's GPUs: memory before its reload against a sample
+        taken verify.settle_s after it finished (by then a full reload's old copy is gone)."""
+        settling = m.settling
+        if settling is None or not snapshot.gpus or snapshot.now_s < settling.finished_s + m.policy.verify.settle_s:
+            return
+        after = memory_used_bytes(snapshot, settling.gpus.uuids)
+        if after is None:
+            return  # one of its GPUs has no data now: wait for a sample that has them all
+        m.settling = None
+        per_count = settling.gpus.instances_per_count
+        before_n, after_n = settling.instances_before * per_count, settling.instances_after * per_count
+        old = m.state.memory_per_instance_bytes
+        m.state = observe_reload(m.state, settling.before_bytes, after, before_n, after_n)
+        self.recorder.observe(name, now_s, settling.before_bytes, after, before_n, after_n)
+        if m.state.memory_per_instance_bytes != old:
+            log.info("controller.gpu_memory_per_instance", model=name, before_bytes=settling.before_bytes,
+                     after_bytes=after, instances=f"{before_n} -> {after_n}", gpus=",".join(settling.gpus.uuids),
+                     memory_per_instance_bytes=m.state.memory_per_instance_bytes)
+
+    def _apply(self, m: _ModelLoop, decision: Decision, gpus: GpuSnapshot) -> bool:
         """Submit the decision's reload (log it in a dry run); whether a reload started."""
         assert decision.decided_instances is not None and decision.profile is not None
         event = dict(model=decision.model, action=str(decision.action), reason=str(decision.reason),
@@ -297,13 +375,17 @@ class Controller:
         # again after every cooldown: not worth INFO.
         (log.info if submitted else log.debug)("controller.decision", **event, submitted=submitted)
         if submitted:
-            m.memory_before_bytes = gpu.memory_used_bytes if gpu is not None else None
+            selection = m.gpu_selection
+            m.memory_gpus = selection
+            m.memory_before_bytes = memory_used_bytes(gpus, selection.uuids) if selection is not None else None
+            m.settling = None  # its sample would now include this reload too
         return submitted
 
     def _finished(self, result: ReloadResult, now_s: float) -> None:
         m = self.models.get(result.request.model)
         name = result.request.model
         self.metrics.reloads.labels(name, str(result.result)).inc()
+        self._reloads_finished += 1
         self.metrics.reload_duration.labels(name).observe(result.duration_s)
         if m is None:
             return
@@ -317,12 +399,11 @@ class Controller:
         (log.info if result.ok else log.warning)(
             "controller.reload", model=name, result=str(result.result), instances=result.request.instances,
             profile=result.request.profile, duration_s=round(result.duration_s, 3), error=result.error or None)
-        if result.ok and result.instances_before is not None:
-            gpu = _gpu_sample(self.sources.gpu())
-            m.state = observe_reload(m.state, m.memory_before_bytes, gpu.memory_used_bytes if gpu else None,
-                                     result.instances_before, result.request.instances)
-            self.recorder.observe(name, now_s, m.memory_before_bytes, gpu.memory_used_bytes if gpu else None,
-                                  result.instances_before, result.request.instances)
+        if (result.ok and result.instances_before is not None and m.memory_before_bytes is not None
+                and m.memory_gpus is not None):
+            m.settling = _Settling(now_s, m.memory_before_bytes, m.memory_gpus, result.instances_before,
+                                   result.request.instances)  # learned from by _learn_memory
+        m.memory_before_bytes = m.memory_gpus = None
 
     def _record(self, m: _ModelLoop, decision: Decision, inflight: InflightSample | None) -> None:
         self.metrics.decisions.labels(decision.model, str(decision.action), str(decision.reason)).inc()
@@ -367,7 +448,10 @@ class Controller:
                                     "strategy": pending.strategy} if pending else None),
                 "last_reload": m.last_reload_report,
                 "memory_per_instance_bytes": m.state.memory_per_instance_bytes,
+                "gpus": ({"scope": m.gpu_selection.scope, "uuids": list(m.gpu_selection.uuids),
+                          "why": m.gpu_selection.why} if m.gpu_selection is not None else None),
                 "verify": verify.status(m.state.verify, now_s),
+                "leak": leak.status(m.state.leak, m.policy, now_s),
                 "decisions": list(m.decisions),
             }
         return out
@@ -380,26 +464,31 @@ def _remove_labels(metric: Gauge, *labels: str) -> None:
         pass
 
 
-def _gpu_sample(snapshot: GpuSnapshot) -> GpuSample | None:
-    """All GPUs as one: the busiest one's utilization, the fullest one's memory."""
-    if not snapshot.gpus:
-        return None
-    fullest = min(snapshot.gpus, key=lambda g: g.memory_total_bytes - g.memory_used_bytes)
-    return GpuSample(at_s=snapshot.now_s, utilization_ratio=max(g.utilization_ratio for g in snapshot.gpus),
-                     memory_used_bytes=fullest.memory_used_bytes, memory_total_bytes=fullest.memory_total_bytes)
-
-
 def _loggable(numbers: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in numbers.items()}
 
 
 class LiveSources:
-    """The real sources: the proxy's stats in-process, the GPU sampler, Triton over gRPC."""
+    """The real sources: the proxy's stats in-process, the GPU sampler, Triton over gRPC,
+    and Triton's process memory from /proc where visible (control/procmem.py; None: not read)."""
 
-    def __init__(self, stats, gpu_sampler, triton) -> None:
+    def __init__(self, stats, gpu_sampler, triton, process_memory: TritonProcessMemory | None = None) -> None:
         self._stats = stats
         self._gpu = gpu_sampler
         self._triton = triton
+        self._process_memory = process_memory
+        self._memory_reason: str | None = None
+
+    async def process_memory(self) -> tuple[int | None, str]:
+        if self._process_memory is None:
+            return None, "not read"
+        # A pass over /proc: off the event loop the relay shares.
+        value, source = await asyncio.to_thread(self._process_memory.read)
+        reason = None if value is not None else source
+        if reason != self._memory_reason:  # log a change of state once
+            (log.warning if reason else log.info)("controller.process_memory", source=source, error=reason)
+            self._memory_reason = reason
+        return value, source
 
     def proxy_snapshot(self, now_s: float) -> ProxySnapshot:
         snap = self._stats.snapshot(time.monotonic(), reset_peaks=True)

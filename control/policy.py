@@ -326,6 +326,31 @@ class VerifyOverride(_Frozen):
     ceiling_backoff_s: Seconds | None = None
 
 
+class LeakSettings(_Frozen):
+    """`leak`: the reload leak watchdog (control/leak.py). After each reload, once settled,
+    Triton's memory is sampled per config (count, profile); memory at the same config that
+    rises at each of `min_reloads` returns in a row stops this model's reconfiguration."""
+
+    enabled: StrictBool = True
+    # After a reload finished, wait this long before taking its memory sample.
+    settle_s: Seconds = 10.0
+    # Rises in a row (returns to the same config, each higher than the one before) that make a leak.
+    min_reloads: Count = 3
+    # A rise counts when it exceeds both: this many bytes, and this ratio of the memory before it.
+    min_growth_bytes: Bytes = 67_108_864
+    min_growth_ratio: Annotated[StrictFloat, Field(ge=0)] = 0.0
+
+
+class LeakOverride(_Frozen):
+    """`models.<name>.leak`: any `defaults.leak` key; absent keys come from the defaults."""
+
+    enabled: StrictBool | None = None
+    settle_s: Seconds | None = None
+    min_reloads: Count | None = None
+    min_growth_bytes: Bytes | None = None
+    min_growth_ratio: Annotated[StrictFloat, Field(ge=0)] | None = None
+
+
 class LoggingSection(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["console", "json"] = "console"
@@ -359,6 +384,7 @@ class ModelSettings(_Frozen):
     # The first rule whose range holds the count wins.
     profiles: Profiles = BUILTIN_PROFILES
     verify: Annotated[VerifySettings, BeforeValidator(_empty_as_default)] = VerifySettings()
+    leak: Annotated[LeakSettings, BeforeValidator(_empty_as_default)] = LeakSettings()
 
 
 class ModelOverride(_Frozen):
@@ -380,6 +406,7 @@ class ModelOverride(_Frozen):
     gpu_memory_headroom_bytes: Bytes | None = None
     profiles: Profiles | None = None
     verify: VerifyOverride | None = None  # merged key by key over defaults.verify
+    leak: LeakOverride | None = None  # merged key by key over defaults.leak
     # This model's cap on requests in flight through the proxy (else proxy.max_inflight).
     max_inflight: Count | None = None
 
@@ -430,6 +457,17 @@ class VerifyPolicy:
 
 
 @dataclass(frozen=True)
+class LeakPolicy:
+    """One model's `leak` keys, defaults merged with its overrides (`LeakSettings`)."""
+
+    enabled: bool = True
+    settle_s: float = 10.0
+    min_reloads: int = 3
+    min_growth_bytes: int = 67_108_864
+    min_growth_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
 class ResolvedModelPolicy:
     """One controlled model's policy, defaults merged with its overrides.
 
@@ -456,6 +494,7 @@ class ResolvedModelPolicy:
     failed_config_backoff_s: float = 300.0
     max_signal_age_s: float = 5.0
     verify: VerifyPolicy = VerifyPolicy()
+    leak: LeakPolicy = LeakPolicy()
 
     def profile_for(self, count: int) -> Profile | None:
         """The first rule whose range holds the count (None only in an unvalidated policy)."""
@@ -487,6 +526,8 @@ def _resolve_one(policy: Policy, name: str, override: ModelOverride) -> Resolved
               for key in ModelSettings.model_fields}
     own_verify = override.verify.model_dump(exclude_none=True) if override.verify is not None else {}
     merged["verify"] = VerifyPolicy(**(policy.defaults.verify.model_dump() | own_verify))
+    own_leak = override.leak.model_dump(exclude_none=True) if override.leak is not None else {}
+    merged["leak"] = LeakPolicy(**(policy.defaults.leak.model_dump() | own_leak))
     return ResolvedModelPolicy(
         model=name, **merged,
         reload_strategy=policy.control.reload_strategy,
@@ -983,7 +1024,8 @@ def _describe(values: set[bool | None]) -> str:
 
 __all__ = [
     "BOOLEAN_FLAGS", "BUILTIN_PROFILES", "ControlSection", "GENERATION_PARAMETER", "KNOWN_FLAGS",
-    "LoggingSection", "MetricsSection", "ModelOverride", "ModelSettings", "PROCESS_GLOBAL_FLAGS", "Policy",
+    "LeakOverride", "LeakPolicy", "LeakSettings", "LoggingSection", "MetricsSection", "ModelOverride",
+    "ModelSettings", "PROCESS_GLOBAL_FLAGS", "Policy",
     "PolicyError", "Profile", "ProxySection", "ResolvedModelPolicy", "THREAD_COUNT_FLAGS", "TritonSection",
     "VerifyOverride", "VerifyPolicy", "VerifySettings", "load_policy", "parse_flag_bool", "parse_flag_int",
     "parse_policy", "policy_warnings", "resolve",

@@ -15,7 +15,8 @@ A recording is JSON lines, appended in the order things happened:
 - `{"type": "observe", "now_s": ..., "model": ..., "before_bytes": ..., "after_bytes": ...,
   "instances_before": ..., "instances_after": ...}`: a finished reload the loop learned GPU
   memory per instance from (`decide.observe_reload`), the one change to `State` that does
-  not come from `decide`.
+  not come from `decide`. Bytes and instances are those on the model's own GPUs (the
+  instance count times the GPUs its groups list), "after" sampled once the reload settled.
 
 Floats are written as Python's repr, which reads back to the same float, so a replay under
 the recorded policy feeds `decide` the very values the live controller saw.
@@ -46,6 +47,7 @@ from tritonpilot.control.signals import (
     GpuSample,
     InflightSample,
     LiveConfig,
+    MemorySample,
     ReloadBudget,
     ReloadRecord,
     Signals,
@@ -98,7 +100,8 @@ def decision_json(decision: Decision) -> dict[str, Any]:
 
 
 _NESTED: dict[str, type] = {"inflight": InflightSample, "config": LiveConfig, "triton": TritonSample,
-                            "gpu": GpuSample, "last_reload": ReloadRecord, "budget": ReloadBudget}
+                            "gpu": GpuSample, "last_reload": ReloadRecord, "budget": ReloadBudget,
+                            "memory": MemorySample}
 
 
 def _build(cls: type, data: Mapping[str, Any]) -> Any:

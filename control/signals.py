@@ -73,18 +73,41 @@ class LiveConfig:
 
 @dataclass(frozen=True)
 class GpuSample:
-    """The GPU(s) the model runs on. Any field may be None: that part has no data."""
+    """The GPU(s) the model runs on. Any field may be None: that part has no data.
+
+    Which GPUs (control/gpus.py): `scope` "listed" (its instance_group's `gpus`, mapped to
+    UUIDs), "all" (it may run on any of Triton's GPUs), "unmapped" (it lists GPUs, but which
+    UUIDs those indices are is not known: every GPU counts), "cpu" (KIND_CPU only: no GPU,
+    every value None)."""
 
     at_s: float
     utilization_ratio: float | None     # 0..1; the busiest of the model's GPUs
     memory_used_bytes: int | None       # of the GPU with the least memory free
     memory_total_bytes: int | None
+    uuids: tuple[str, ...] = ()         # the GPUs this sample covers
+    scope: str = "all"
 
     @property
     def memory_free_bytes(self) -> int | None:
         if self.memory_used_bytes is None or self.memory_total_bytes is None:
             return None
         return self.memory_total_bytes - self.memory_used_bytes
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """Triton's own memory at at_s, for the leak watchdog (control/leak.py). None: no data.
+
+    `process_bytes` is the resident memory of Triton's processes (tritonserver and the
+    processes in its session: the Python backend's stubs and whatever they start), read
+    from /proc where the sidecar can see them. `reloads_finished` is the pod-wide count
+    of reloads (every model, any result) the controller had seen finish by at_s: memory
+    is process-wide, so a change is only put down to one model when no other reloaded."""
+
+    at_s: float
+    process_bytes: int | None
+    reloads_finished: int = 0
+    source: str = "none"  # "procfs", or "none" with no data
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,7 @@ class Signals:
     reload_pending: bool = False        # a reload of this model is in flight
     last_reload: ReloadRecord | None = None
     budget: ReloadBudget | None = None  # the pod-wide reload budget; None: unlimited
+    memory: MemorySample | None = None  # Triton's process memory (leak watchdog); None: no data
 
 
 # A sliding window, as asyncio-throttle's Throttler keeps one, with time passed in.

@@ -897,21 +897,26 @@ async def test_load_sent_straight_to_triton_scales_up_from_its_statistics() -> N
 
 @scenario
 async def test_gpu_memory_per_instance_is_learned_from_a_reload() -> None:
-    loop = Loop()
+    loop = Loop(config=model_config(kind="KIND_GPU"))
 
     def gpu(used_gib: float) -> GpuSnapshot:
         sample = ProxyGpuSample(index=0, name="H100", utilization_ratio=0.5,
                                 memory_used_bytes=int(used_gib * GIB), memory_total_bytes=80 * GIB)
         return GpuSnapshot(now_s=loop.now_s, gpus=(sample,), source="nvml")
 
-    loop.sources.gpu_snapshot = gpu(10)
-    for _ in range(7):  # up at 6
-        loop.sources.gpu_snapshot = gpu(10)
-        await loop.tick(1.6)
-        loop.clock.now_s += 1
+    async def until(at: float, used_gib: float) -> None:
+        while loop.now_s <= at:
+            loop.sources.gpu_snapshot = gpu(used_gib)
+            await loop.tick(1.6)
+            loop.clock.now_s += 1
+
+    await until(6, 10)  # up at 6 (a full reload), finished at once, collected at 7
     assert loop.live_instances() == 2
-    loop.sources.gpu_snapshot = gpu(14)  # after: one more instance, 4 GiB more
-    await loop.tick(1.6)
+    # The old copy (1 instance) still drains beside the new one (2): 8 GiB more, not the 4 added.
+    await until(12, 18)
+    await until(16, 14)  # gone: one more instance, 4 GiB more; not learned before settle_s (10 s)
+    assert loop.controller.status()["models"][MODEL]["memory_per_instance_bytes"] is None
+    await until(17, 14)
     status = loop.controller.status()["models"][MODEL]
     assert status["memory_per_instance_bytes"] == 4 * GIB
     d = loop.decisions[-1]
@@ -935,7 +940,7 @@ async def test_status_is_plain_json_with_policy_counts_profile_pending_and_decis
                                        "max_reloads_per_minute": 6, "waiting": []}
     m = status["models"][MODEL]
     assert set(m) == {"policy", "instances", "profile", "config_error", "pending_reload", "last_reload",
-                      "memory_per_instance_bytes", "decisions", "verify"}
+                      "memory_per_instance_bytes", "decisions", "verify", "gpus", "leak"}
     assert m["policy"]["max_instances"] == 4 and m["policy"]["target_inflight_per_instance"] == 1.0
     assert m["policy"]["scale_up_delay_s"] == 5.0 and m["policy"]["reload_strategy"] == "full"
     assert m["policy"]["profiles"] == [
@@ -973,7 +978,8 @@ async def test_metrics_names_and_labels() -> None:
                 if not f.name.endswith("_created")}
     assert families == {"tritonpilot_model_instances": "gauge", "tritonpilot_model_profile": "gauge",
                         "tritonpilot_reloads": "counter", "tritonpilot_reload_duration_seconds": "histogram",
-                        "tritonpilot_decisions": "counter", "tritonpilot_verifications": "counter"}
+                        "tritonpilot_decisions": "counter", "tritonpilot_verifications": "counter",
+                        "tritonpilot_reload_leak_suspected": "gauge"}
 
 
 def test_two_controllers_in_one_process_do_not_clash() -> None:

@@ -80,7 +80,8 @@ class Recorded:
         policy = load_policy(policy_path)
         self.policies = resolve(policy)
         self.clock = FakeClock()
-        self.triton = FakeTriton({name: {**model_config(), "name": name} for name in self.policies})
+        # KIND_GPU: a KIND_CPU model has no GPU signal, and this timeline learns GPU memory.
+        self.triton = FakeTriton({name: {**model_config(kind="KIND_GPU"), "name": name} for name in self.policies})
         self.sources = FakeSources(self.triton)
         self.actuator = Actuator(self.triton, clock=self.clock)  # type: ignore[arg-type]
         self.writer = RecordWriter(record_path, policy_path=str(policy_path), **writer)
@@ -113,7 +114,8 @@ async def a_busy_recording(tmp_path: Path) -> tuple[Recorded, Path, Path]:
         await pod.run(until=4, a=8.0, b=8.0)        # both panic at 2: a starts, b waits for the budget
         pod.gpu(30)
         pod.triton.gates["a"].set()
-        await pod.run(until=20)                     # a finishes (memory learned), b goes
+        await pod.run(until=20)                     # a finishes, b goes
+        pod.gpu(30)                                 # a sample taken after a settled: memory learned
         await pod.run(until=60, a=1.5, b=1.5)       # down after 20 s: a to 2, b waits its turn
         pod.triton.down = True
         await pod.run(until=64)                     # no data

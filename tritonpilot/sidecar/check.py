@@ -85,6 +85,13 @@ def print_model(m: ResolvedModelPolicy, out: TextIO) -> None:
               f"inconclusive when in flight and arrival both moved > {v.max_load_change_ratio:.0%}", file=out)
     else:
         print("  verify: off (changes are not judged, reverted or probed)", file=out)
+    lk = m.leak
+    if lk.enabled:
+        print(f"  leak watchdog: {_n(lk.settle_s)}s after each reload, Triton's memory per config; "
+              f"{lk.min_reloads} rises in a row at one config, each > {lk.min_growth_bytes} bytes and > "
+              f"{lk.min_growth_ratio:.0%}, block every change of this model", file=out)
+    else:
+        print("  leak watchdog: off", file=out)
     print("  profile by count:", file=out)
     for count in range(m.min_instances, m.max_instances + 1):
         profile = m.profile_for(count)

@@ -11,6 +11,7 @@ from pathlib import Path
 from tritonpilot.control.actuator import Actuator
 from tritonpilot.control.loop import Controller, LiveSources
 from tritonpilot.control.policy import Policy, load_policy, policy_warnings, resolve
+from tritonpilot.control.procmem import TritonProcessMemory
 from tritonpilot.control.record import Recorder
 from tritonpilot.control.triton import TritonClient
 from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig
@@ -83,7 +84,10 @@ def controller_factory_from_policy(policy: Policy, triton_url: str | None = None
         triton = TritonClient(triton_url or policy.triton.grpc, rpc_timeout_s=min(5.0, policy.control.interval_s * 5))
         actuator = Actuator(triton, timeout_s=policy.control.reload_timeout_s,
                             failed_config_backoff_s=policy.control.failed_config_backoff_s)
-        return Controller(policies, LiveSources(stats, gpu_sampler, triton), actuator,
+        grpc = triton_url or policy.triton.grpc
+        # The leak watchdog's CPU source: Triton's processes, where this sidecar can see them.
+        memory = TritonProcessMemory(int(grpc.rsplit(":", 1)[1]) if grpc.rsplit(":", 1)[-1].isdigit() else None)
+        return Controller(policies, LiveSources(stats, gpu_sampler, triton, memory), actuator,
                           interval_s=policy.control.interval_s, dry_run=policy.control.dry_run, registry=registry,
                           max_concurrent_reloads=policy.control.max_concurrent_reloads,
                           max_reloads_per_minute=policy.control.max_reloads_per_minute, recorder=recorder)

@@ -8,12 +8,10 @@ ships the docker-compose binary) `config` validates the files offline too."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from deploy_support import image_environment, sidecar_options
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "deploy" / "compose"
@@ -120,30 +119,8 @@ def host_port(address: str) -> tuple[str, int]:
 # The sidecar as `tritonpilot serve` resolves its options
 
 
-def sidecar_options() -> argparse.ArgumentParser:
-    from tritonpilot.sidecar.serve import configure
-
-    parser = argparse.ArgumentParser(add_help=False)
-    configure(parser)
-    return parser
 
 
-def image_environment() -> dict[str, str]:
-    """The ENV of the Dockerfile's final stage: the defaults every container of the image starts with."""
-    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        words = line.strip().split(None, 1)
-        if not words:
-            continue
-        if words[0].upper() == "FROM":
-            env = {}
-        elif words[0].upper() == "ENV" and len(words) == 2:
-            for token in shlex.split(words[1]):
-                name, sep, value = token.partition("=")
-                assert sep, f"Dockerfile: ENV {words[1]!r}: only the NAME=VALUE form is read here"
-                env[name] = value
-    return env
 
 
 def check_policy(path: Path) -> None:

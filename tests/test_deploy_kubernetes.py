@@ -8,12 +8,10 @@ Prometheus registry)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from deploy_support import image_environment, sidecar_options
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (the test extra) validates the rendered objects")
 referencing = pytest.importorskip("referencing")
@@ -91,12 +90,6 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 # What the sidecar really is: its options, its image's environment, its metrics
 
 
-def sidecar_options() -> argparse.ArgumentParser:
-    from tritonpilot.sidecar.serve import configure
-
-    parser = argparse.ArgumentParser(add_help=False)
-    configure(parser)
-    return parser
 
 
 def option_env_names() -> set[str]:
@@ -105,22 +98,6 @@ def option_env_names() -> set[str]:
     return {env_name(a.dest) for a in sidecar_options()._actions if a.dest != "help"}
 
 
-def image_environment() -> dict[str, str]:
-    """The ENV of the Dockerfile's final stage: the defaults every container of the image starts with."""
-    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        words = line.strip().split(None, 1)
-        if not words:
-            continue
-        if words[0].upper() == "FROM":
-            env = {}
-        elif words[0].upper() == "ENV" and len(words) == 2:
-            for token in shlex.split(words[1]):
-                name, sep, value = token.partition("=")
-                assert sep, f"Dockerfile: ENV {words[1]!r}: only the NAME=VALUE form is read here"
-                env[name] = value
-    return env
 
 
 def effective_sidecar_config(args: list[str], environ: dict[str, str], policy_file: Path | None) -> Any:

@@ -40,7 +40,7 @@ from tritonpilot.sidecar.reload import (
     ReloadOutcome,
     diff_policies,
 )
-from tritonpilot.sidecar.serve import _options, apply_environment, policy_loader
+from tritonpilot.sidecar.serve import apply_environment, option_parser, policy_loader
 
 BASE = """\
 control: {interval_s: 0.5, dry_run: true}
@@ -53,7 +53,7 @@ def loaded(tmp_path: Path, text: str, argv: tuple[str, ...] = (), environ: dict[
     """What `serve` makes of a policy file under these options and environment."""
     path = tmp_path / "policy.yaml"
     path.write_text(text)
-    parser = _options()
+    parser = option_parser()
     args = apply_environment(parser, parser.parse_args(["--policy", str(path), *argv]), environ or {})
     return policy_loader(args)()
 
@@ -199,7 +199,7 @@ def test_watcher_reads_through_injected_file_functions() -> None:
 def test_reloader_applies_valid_keeps_old_on_invalid_and_counts(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(BASE)
-    parser = _options()
+    parser = option_parser()
     load = policy_loader(parser.parse_args(["--policy", str(path)]))
     applied: list[tuple[Loaded, Any]] = []
     registry = CollectorRegistry()

@@ -26,7 +26,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def _resolve(argv: tuple[str, ...], environ: dict[str, str], policy: Path | None = None) -> SidecarConfig:
-    args = serve.apply_environment(serve._options(), _parse(*argv), environ)
+    args = serve.apply_environment(serve.option_parser(), _parse(*argv), environ)
     base = sidecar_config_from_policy(args.policy)[0] if args.policy else (
         sidecar_config_from_policy(policy)[0] if policy else SidecarConfig())
     return serve.config_from_args(args, base)
@@ -45,7 +45,7 @@ def test_every_option_has_its_environment_variable_in_help(capsys: pytest.Captur
     with pytest.raises(SystemExit):
         cli.main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    dests = [a.dest for a in serve._options()._actions]
+    dests = [a.dest for a in serve.option_parser()._actions]
     assert len(dests) == 31
     for dest in dests:
         assert f"env {serve.env_name(dest)}" in text, dest

@@ -310,7 +310,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "Precedence: option > environment > policy file > default.")
 
 
-def _options() -> argparse.ArgumentParser:
+def option_parser() -> argparse.ArgumentParser:
     """serve's options on their own, for reading the environment against them."""
     parser = argparse.ArgumentParser(add_help=False)
     configure(parser)
@@ -471,7 +471,7 @@ def record_writer(args: argparse.Namespace, has_policy: bool) -> RecordWriter | 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        args = apply_environment(_options(), args, os.environ)
+        args = apply_environment(option_parser(), args, os.environ)
     except ValueError as exc:
         print(f"tritonpilot serve: {exc}", file=sys.stderr)
         return exits.USAGE

@@ -75,10 +75,12 @@ CHANNEL_ARGS = [
 
 
 class TritonClient:
-    def __init__(self, url: str, rpc_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, rpc_timeout_s: float = 10.0, tls_ca: str | None = None) -> None:
+        """tls_ca: the CA file of a Triton that serves TLS (--grpc-use-ssl); None = plaintext."""
         self.url = url
         self.rpc_timeout_s = rpc_timeout_s
-        self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+        self._client = grpcclient.InferenceServerClient(url, ssl=tls_ca is not None, root_certificates=tls_ca,
+                                                        channel_args=CHANNEL_ARGS)
 
     async def close(self) -> None:
         await self._client.close()

@@ -5,6 +5,7 @@ Certificates are made per module with the openssl command (tests/tls_support.py)
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import signal
 import urllib.request
@@ -202,6 +203,19 @@ def test_tls_to_a_triton_that_serves_tls(triton_factory, sidecar_factory, pki: P
     assert sidecar.finished("fast") == {"OK": 1}
     wait_until(lambda: http_status(sidecar.metrics_url + "/readyz") == 200, what="/readyz over TLS to Triton")
     client.close()
+
+    # The controller's own client (model config, statistics, loads) speaks TLS to it too.
+    from tritonpilot.control.triton import TritonClient, TritonError
+
+    async def config_over(**tls: str) -> dict:
+        client = TritonClient(secure.grpc_url, rpc_timeout_s=5, **tls)  # grpc.aio: made on the loop it runs on
+        try:
+            return await client.get_config("fast")
+        finally:
+            await client.close()
+    assert asyncio.run(config_over(tls_ca=str(pki.ca.cert)))["name"] == "fast"
+    with pytest.raises(TritonError):
+        asyncio.run(config_over())
 
     # Plaintext to Triton's TLS port fails fast; it does not hang or take the proxy down.
     plain_upstream = sidecar_factory(secure.grpc_url, **tls_options(pki))

@@ -181,7 +181,8 @@ class Sidecar:
         if self.controller is not None:
             replace_controller_policy(self.controller, new.policy)  # type: ignore[arg-type]
         elif resolve(new.policy):  # started with no model to control: the first ones start it
-            self.controller = controller_factory_from_policy(new.policy, triton_url=config.triton)(
+            self.controller = controller_factory_from_policy(new.policy, triton_url=config.triton,
+                                                            triton_tls_ca=config.triton_tls_ca)(
                 self.stats, self.gpu, self.registry)
             if self.controller is not None:
                 self._tasks.append(asyncio.create_task(self.controller.run(), name="controller"))
@@ -499,7 +500,8 @@ def run(args: argparse.Namespace) -> int:
     factory: ControllerFactory | None = None
     if policy is not None:
         from tritonpilot.sidecar.wiring import controller_factory_from_policy
-        factory = controller_factory_from_policy(policy, triton_url=config.triton, recorder=recorder)
+        factory = controller_factory_from_policy(policy, triton_url=config.triton, recorder=recorder,
+                                                 triton_tls_ca=config.triton_tls_ca)
     source = None
     if policy is not None and watcher is not None:
         from tritonpilot.sidecar.reload import Loaded, ReloadSource

@@ -68,7 +68,8 @@ def replace_controller_policy(controller: Controller, policy: Policy) -> None:
 
 
 def controller_factory_from_policy(policy: Policy, triton_url: str | None = None,
-                                   recorder: Recorder | None = None) -> ControllerFactory:
+                                   recorder: Recorder | None = None,
+                                   triton_tls_ca: str | None = None) -> ControllerFactory:
     """A factory the Sidecar calls with its stats, GPU sampler and registry. No models under
     `models` -> no controller: everything is proxied, nothing reloaded."""
 
@@ -81,7 +82,9 @@ def controller_factory_from_policy(policy: Policy, triton_url: str | None = None
         policies = resolve(policy)
         if not policies:
             return None
-        triton = TritonClient(triton_url or policy.triton.grpc, rpc_timeout_s=min(5.0, policy.control.interval_s * 5))
+        tls_ca = triton_tls_ca or (str(policy.triton.tls_ca) if policy.triton.tls_ca else None)
+        triton = TritonClient(triton_url or policy.triton.grpc, rpc_timeout_s=min(5.0, policy.control.interval_s * 5),
+                              tls_ca=tls_ca)
         actuator = Actuator(triton, timeout_s=policy.control.reload_timeout_s,
                             failed_config_backoff_s=policy.control.failed_config_backoff_s)
         grpc = triton_url or policy.triton.grpc

@@ -1,0 +1,132 @@
+"""The pure parts of benchmarks/soak.py: the slope fit, the flat/growing verdict, how a call's
+status is classified, the per-attack verdict and the counter deltas. No Triton, no sockets."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+_spec = importlib.util.spec_from_file_location("soak_benchmark", _PATH)
+assert _spec is not None and _spec.loader is not None
+soak = importlib.util.module_from_spec(_spec)
+sys.modules["soak_benchmark"] = soak  # dataclasses look their module up while the class is made
+_spec.loader.exec_module(soak)
+
+
+def test_fit_slope_recovers_a_line_and_its_error_is_zero() -> None:
+    xs = [0.0, 1.0, 2.0, 3.0, 4.0]
+    slope, stderr = soak.fit_slope(xs, [3.0 + 2.5 * x for x in xs])
+    assert slope == pytest.approx(2.5)
+    assert stderr == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fit_slope_of_noise_around_flat_is_near_zero_with_an_error() -> None:
+    xs = [float(i) for i in range(100)]
+    ys = [100.0 + (1.0 if i % 2 else -1.0) for i in range(100)]
+    slope, stderr = soak.fit_slope(xs, ys)
+    assert abs(slope) < 0.01
+    assert stderr > 0
+
+
+def test_fit_slope_without_spread_is_nan() -> None:
+    assert all(math.isnan(v) for v in soak.fit_slope([1.0], [2.0]))
+    assert all(math.isnan(v) for v in soak.fit_slope([1.0, 1.0, 1.0], [2.0, 3.0, 4.0]))
+    with pytest.raises(ValueError):
+        soak.fit_slope([1.0, 2.0], [1.0])
+
+
+def test_the_warm_up_is_cut_by_time_not_by_count() -> None:
+    samples = [(float(t), float(t)) for t in range(0, 101)]
+    kept = soak.after_warmup(samples, 0.2)
+    assert kept[0][0] == 20.0 and kept[-1][0] == 100.0
+    assert soak.after_warmup([], 0.2) == []
+
+
+def rss_samples(kib_per_min: float, base_kib: float = 100_000.0, minutes: int = 15) -> list[tuple[float, float]]:
+    return [(float(s), base_kib + kib_per_min * s / 60.0 + (50.0 if s % 7 == 0 else 0.0))
+            for s in range(0, minutes * 60)]
+
+
+def test_rss_flat_below_one_percent_per_ten_minutes_growing_above() -> None:
+    # 100 MB RSS: the threshold is 1,000 KiB per 10 min = 100 KiB/min.
+    flat = soak.slope_verdict(rss_samples(20.0), "rss")
+    assert flat.flat and flat.per_min == pytest.approx(20.0, abs=2.0)
+    assert flat.threshold_per_min == pytest.approx(flat.median * 0.01 / 10)
+    assert flat.minutes == pytest.approx(12.0, abs=0.1)  # 15 min less the 20% warm-up
+    growing = soak.slope_verdict(rss_samples(300.0), "rss")
+    assert not growing.flat and growing.per_min == pytest.approx(300.0, abs=2.0)
+    assert soak.slope_verdict(rss_samples(-500.0), "rss").flat  # shrinking is not a leak
+
+
+def test_fd_verdict_and_too_few_samples() -> None:
+    steady = [(float(s), 40.0 + (s % 3)) for s in range(600)]
+    assert soak.slope_verdict(steady, "fd").flat
+    leaking = [(float(s), 40.0 + s / 60.0) for s in range(600)]  # one descriptor per minute
+    assert not soak.slope_verdict(leaking, "fd").flat
+    assert not soak.slope_verdict([(0.0, 1.0), (1.0, 1.0)], "fd").flat
+    with pytest.raises(ValueError):
+        soak.slope_verdict(steady, "bogus")
+
+
+@pytest.mark.parametrize(("code", "elapsed", "want"), [
+    ("OK", 0.02, "ok"),
+    ("UNAVAILABLE", 0.001, "UNAVAILABLE"),
+    ("DEADLINE_EXCEEDED", 5.01, "DEADLINE_EXCEEDED"),
+    ("DEADLINE_EXCEEDED", 6.5, "late:DEADLINE_EXCEEDED"),
+    ("OK", 6.5, "late:OK"),
+    ("RESOURCE_EXHAUSTED", 0.0, "RESOURCE_EXHAUSTED"),
+    ("CANCELLED", 0.0, "CANCELLED"),
+    ("INTERNAL", 0.1, "unclean:INTERNAL"),
+    ("UNKNOWN", 0.1, "unclean:UNKNOWN"),
+])
+def test_classify(code: str, elapsed: float, want: str) -> None:
+    assert soak.classify(code, elapsed, deadline_s=5.0, slack_s=1.0) == want
+
+
+def test_soak_verdict() -> None:
+    flat = soak.slope_verdict(rss_samples(0.0), "rss")
+    fd = soak.slope_verdict([(float(s), 40.0) for s in range(600)], "fd")
+    clean = Counter({"ok": 100, "UNAVAILABLE": 5, "DEADLINE_EXCEEDED": 2, "cancelled_by_client": 3})
+    assert all(soak.soak_verdict(clean, flat, fd).values())
+    for bad, target in (("hung", "0 hung"), ("unclean:INTERNAL", "every call ok or a clean retryable status in time"),
+                        ("late:OK", "every call ok or a clean retryable status in time"),
+                        ("wrong", "every call ok or a clean retryable status in time")):
+        verdict = soak.soak_verdict(clean + Counter({bad: 1}), flat, fd)
+        assert not verdict[target], bad
+        assert sum(not ok for ok in verdict.values()) == 1, bad
+
+
+def test_percentile_and_attack_verdict() -> None:
+    assert soak.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert soak.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert soak.percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert math.isnan(soak.percentile([], 50))
+    assert all(soak.attack_verdict(0.021, 0.040, 0, 0).values())
+    assert soak.attack_verdict(0.021, 0.043, 0, 0) == {
+        "p50 within 2x": False, "normal client never failed": True, "Triton READY throughout": True}
+    assert not soak.attack_verdict(0.021, 0.021, 1, 0)["normal client never failed"]
+    assert not soak.attack_verdict(0.021, 0.021, 0, 2)["Triton READY throughout"]
+
+
+def test_counter_deltas() -> None:
+    name = "tritonpilot_http2_refused_total"
+    before = {(name, (("reason", "ping_flood"),)): 2.0, ("other_total", ()): 5.0}
+    after = {(name, (("reason", "ping_flood"),)): 7.0, (name, (("reason", "rapid_reset"),)): 1.0,
+             (name, (("reason", "settings_flood"),)): 0.0, ("other_total", ()): 9.0}
+    assert soak.counter_deltas(before, after, name) == {"ping_flood": 5.0, "rapid_reset": 1.0}
+
+
+def test_policy_text_is_a_valid_policy_for_each_entry(tmp_path: Path) -> None:
+    from tritonpilot.control.policy import load_policy
+
+    for entry in soak.SLEEP_POLICIES.values():
+        path = tmp_path / "policy.yaml"
+        soak.write_policy(path, entry)
+        policy = load_policy(path)
+        assert "sleep" in policy.models

@@ -294,9 +294,13 @@ class ControlSection(_Frozen):
 
 class VerifySettings(_Frozen):
     """`verify`: after each load-driven change, compare a window before with a window after
-    (control/verify.py); revert what did not help, remember the useful ceiling."""
+    (control/verify.py); revert what did not help, remember the useful ceiling.
 
-    enabled: StrictBool = True
+    Off by default: measured on the controller benchmark, the step-down probe after a panic
+    jump raised p95 during the high phase and a failed probe was reverted after the load had
+    dropped (docs/benchmarks.md, Controller). Opt in per model until that is fixed."""
+
+    enabled: StrictBool = False
     # After the reload finished, wait this long before the after-window starts (warm-up).
     settle_s: Seconds = 10.0
     # Length of the after-window (and the most of the before-window that counts).
@@ -446,7 +450,7 @@ class Policy(_Frozen):
 class VerifyPolicy:
     """One model's `verify` keys, defaults merged with its overrides (`VerifySettings`)."""
 
-    enabled: bool = True
+    enabled: bool = False
     settle_s: float = 10.0
     window_s: float = 20.0
     min_gain_ratio: float = 0.1

@@ -52,6 +52,7 @@ defaults:
   scale_up_delay_s: 2
   scale_down_delay_s: 4
   cooldown_s: 2
+  verify: {enabled: true}
 models:
   sleep: {}
 """

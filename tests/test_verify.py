@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -26,7 +27,7 @@ from tritonpilot.control.verify import Verdict
 from tritonpilot.proxy.stats import LATENCY_BUCKETS_S
 
 # Defaults as shipped: settle 10 s, window 20 s, gain 10 %, p95 +25 %, load +-25 %, ceiling 600 s.
-VERIFYING = replace(POLICY, verify=VerifyPolicy())
+VERIFYING = replace(POLICY, verify=VerifyPolicy(enabled=True))
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,8 @@ def test_verify_off_changes_nothing_and_keeps_no_state() -> None:
 def test_no_load_driven_change_passes_a_ceiling_in_force(clients: list[tuple[float, int]], useful: int,
                                                           start: int, reload_s: float) -> None:
     sim = VSim(closed_loop(clients[0][0], useful), instances=start, reload_s=reload_s,
-               policy=replace(VERIFYING, verify=VerifyPolicy(settle_s=3.0, window_s=5.0, ceiling_backoff_s=100.0)))
+               policy=replace(VERIFYING, verify=VerifyPolicy(enabled=True, settle_s=3.0, window_s=5.0,
+                                                          ceiling_backoff_s=100.0)))
     for level, seconds in clients:
         sim.run(until=sim.now_s + seconds, world=closed_loop(level, useful))
     for ceiling, d in zip(sim.ceilings, sim.decisions):
@@ -305,7 +307,7 @@ def with_useful_instances(loop: Loop, useful: int) -> Loop:
 
 @scenario
 async def test_the_loop_counts_verdicts_and_shows_the_last_one_and_the_ceiling() -> None:
-    policy = replace(POLICY, verify=VerifyPolicy(settle_s=2.0, window_s=5.0))
+    policy = replace(POLICY, verify=VerifyPolicy(enabled=True, settle_s=2.0, window_s=5.0))
     loop = with_useful_instances(Loop(policy=replace(policy, scale_down_delay_s=30.0)), useful=2)
     await loop.run(until=120, inflight=8.0)
     assert loop.live_instances() == 2
@@ -325,7 +327,7 @@ async def test_the_loop_counts_verdicts_and_shows_the_last_one_and_the_ceiling()
 
 @scenario
 async def test_the_loop_reverts_a_scale_up_without_gain() -> None:
-    policy = replace(POLICY, verify=VerifyPolicy(settle_s=2.0, window_s=5.0))
+    policy = replace(POLICY, verify=VerifyPolicy(enabled=True, settle_s=2.0, window_s=5.0))
     loop = with_useful_instances(Loop(policy=policy), useful=1)
     await loop.run(until=60, inflight=8.0)
     assert loop.live_instances() == 1
@@ -359,8 +361,13 @@ def test_the_verify_keys_merge_key_by_key_and_errors_name_them() -> None:
     assert resolve(empty)["m"].verify == VerifyPolicy()
 
 
-def test_check_prints_the_verify_keys(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_prints_the_verify_keys(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["check", str(EXAMPLE)]) == 0
+    assert "verify: off (changes are not judged, reverted or probed)" in capsys.readouterr().out  # the default
+    opted_in = tmp_path / "verify.yaml"
+    opted_in.write_text(EXAMPLE.read_text().replace("    enabled: false               # opt in",
+                                                     "    enabled: true                # opt in"))
+    assert main(["check", str(opted_in)]) == 0
     out = capsys.readouterr().out
     assert "verify each change: 10s settle, then 20s against the window before; a gain is >= 10%" in out
     assert "reverted on p95 > +25%, failed share up > 1 point(s)" in out and "ceiling for 600s" in out

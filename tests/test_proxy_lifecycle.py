@@ -353,6 +353,50 @@ def test_triton_unreachable_fails_fast_and_health_still_answers(sidecar_factory)
     assert http_status(sidecar.metrics_url + "/readyz") == 503
 
 
+def test_triton_unreachable_stream_calls_end_unavailable_never_internal(sidecar_factory) -> None:
+    """grpc.aio clients race a stream call's status against their own first write: answered at
+    once, a few in a hundred ended INTERNAL "Internal error from Core". The refusal is held
+    (local.STREAM_ANSWER_HOLD_S) so that every one ends with the retryable UNAVAILABLE. And
+    streams the client opened before it saw our GOAWAY are retried by the client on a fresh
+    connection, never cut off uncounted: each call is counted exactly once."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    sidecar = sidecar_factory(f"127.0.0.1:{free_port()}")  # nothing listens there
+    workers, per_worker = 8, 60
+
+    async def worker() -> list[str]:
+        codes = []
+        async with grpc.aio.insecure_channel(sidecar.url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for i in range(per_worker):
+                answered: asyncio.Queue[bool] = asyncio.Queue()
+
+                async def requests(i: int = i, answered: asyncio.Queue[bool] = answered) -> Any:
+                    for r in range(3):  # the next request waits for an answer, as clients do
+                        yield service_pb2.ModelInferRequest(model_name="identity_fp32", id=f"{i}-{r}")
+                        if not await answered.get():
+                            return
+
+                try:
+                    async for _ in stub.ModelStreamInfer(requests(), timeout=10):
+                        answered.put_nowait(True)
+                    codes.append("OK")
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code().name if error.code() != grpc.StatusCode.INTERNAL
+                                 else f"INTERNAL: {error.details()}")
+                finally:
+                    answered.put_nowait(False)
+        return codes
+
+    async def run() -> list[str]:
+        return [c for codes in await asyncio.gather(*(worker() for _ in range(workers))) for c in codes]
+
+    codes = asyncio.run(run())
+    assert {c: codes.count(c) for c in set(codes)} == {"UNAVAILABLE": workers * per_worker}
+    refused = sidecar.snapshot().models["identity_fp32"]
+    assert (refused.finished_total, refused.inflight) == ({"UNAVAILABLE": workers * per_worker}, 0)
+
+
 # ------------------------------------------------------------------------------ SIGTERM
 
 

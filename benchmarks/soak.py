@@ -665,6 +665,62 @@ async def soak(args: argparse.Namespace) -> int:
     return 0 if all(verdict.values()) else 1
 
 
+# ============================================================================ kills: proxy vs direct
+
+
+async def _kill_cycles(route: str, cycles: int) -> Counter[str]:
+    """Stream, decoupled and unary clients in tight loops while tritonserver is SIGKILLed and
+    restarted `cycles` times; outcomes by "kind outcome phase" (phase: when the call ended,
+    relative to the kills: "up", or "down" from the kill until Triton is ready again)."""
+    from tritonpilot.tools.embedded import EmbeddedTriton
+
+    work = Path(tempfile.mkdtemp(prefix=f"tritonpilot-kills-{route}-"))
+    triton = EmbeddedTriton(MODELS, load_models=["fast", "decoupled"], log_path=work / "triton.log",
+                            startup_timeout_s=120)
+    triton.start()
+    sidecar = Sidecar(triton.grpc_url, work)
+    down: list[tuple[float, float]] = []
+    try:
+        sidecar.wait_ready()
+        tally = Tally(started_at=time.monotonic())
+        load = Load(triton.grpc_url if route == "direct" else sidecar.url, tally)
+        tasks = [asyncio.create_task(w) for w in (
+            load.stream_worker("stream", 5, 0.0), load.stream_worker("stream", 5, 0.0),
+            load.stream_worker("decoupled", 3, 0.0), load.stream_worker("decoupled", 3, 0.0),
+            load.unary_worker("unary_fast", "fast", 0.0))]
+        for _ in range(cycles):
+            await asyncio.sleep(3.0)
+            killed_at = time.monotonic() - tally.started_at
+            await asyncio.to_thread(triton.kill)
+            await asyncio.to_thread(triton.restart)
+            down.append((killed_at, time.monotonic() - tally.started_at))
+        await asyncio.sleep(2.0)
+        load.stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        sidecar.stop()
+        triton.stop()
+    by: Counter[str] = Counter()
+    for (kind, outcome), n in tally.outcomes.items():
+        if outcome == "ok":
+            by[f"{kind} ok"] += n
+    for t, kind, outcome, _ in tally.failures:
+        phase = "down" if any(a <= t <= b for a, b in down) else "up"
+        by[f"{kind} {outcome} {phase}"] += 1
+    return by
+
+
+async def kills(args: argparse.Namespace) -> int:
+    """The same clients and kill cycles through the sidecar, then straight to Triton."""
+    results = {route: await _kill_cycles(route, args.kills) for route in ("proxy", "direct")}
+    keys = sorted(set(results["proxy"]) | set(results["direct"]))
+    print(f"{args.kills} SIGKILL + restart cycles of tritonserver, 3 s of load between them\n")
+    print("| kind outcome phase | through the sidecar | direct |\n|---|---|---|")
+    for key in keys:
+        print(f"| {key} | {results['proxy'][key]} | {results['direct'][key]} |")
+    return 0
+
+
 def _fault_windows(events: list[tuple[float, str]]) -> list[tuple[str, float, float]]:
     """(name, from, to) of each fault, +10 s after it ends, to place the failures."""
     windows = []
@@ -1159,12 +1215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="soak: leave these clients out (e.g. cancel)")
     parser.add_argument("--freeze-group", action="store_true",
                         help="soak: SIGSTOP tritonserver's whole process group (its stubs too), not the server alone")
+    parser.add_argument("--kills", type=int, metavar="N",
+                        help="instead of the soak: N SIGKILL+restart cycles of Triton under stream and unary "
+                             "load, through the sidecar and then direct; prints outcomes side by side")
     parser.add_argument("--out", default=str(OUT), help="the document whose section is rewritten")
     parser.add_argument("--attack-worker", choices=ATTACKS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.attack_worker:
         return attack_worker(args.attack_worker, args.port, args.attack_seconds)
+    if args.kills:
+        return asyncio.run(kills(args))
     return asyncio.run(attacks(args) if args.attacks else soak(args))
 
 

@@ -52,12 +52,13 @@ ENV PATH="/opt/tritonpilot/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     TRITONPILOT_POLICY=/etc/tritonpilot/policy.yaml \
     TRITONPILOT_LISTEN=0.0.0.0:8101 \
+    TRITONPILOT_HTTP_LISTEN=0.0.0.0:8100 \
     TRITONPILOT_METRICS_LISTEN=0.0.0.0:9101 \
     TRITONPILOT_LOG_FORMAT=json
 USER 10001:10001
 WORKDIR /home/tritonpilot
-# 8101: gRPC for clients; 9101: /metrics /healthz /readyz /status
-EXPOSE 8101 9101
+# 8100: HTTP/REST for clients; 8101: gRPC for clients; 9101: /metrics /healthz /readyz /status
+EXPOSE 8100 8101 9101
 # No curl in the slim image: python's urllib, on the port TRITONPILOT_METRICS_LISTEN names.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; port = os.environ.get('TRITONPILOT_METRICS_LISTEN', ':9101').rpartition(':')[2]; urllib.request.urlopen('http://127.0.0.1:' + port + '/healthz', timeout=4)"]

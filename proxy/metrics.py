@@ -12,7 +12,7 @@ Other components (the controller) register their own collectors in the same
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -73,17 +73,19 @@ def _proxy_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMe
                                HistogramMetricFamily]:
     return (
         GaugeMetricFamily("tritonpilot_inflight_requests",
-                          "Requests in flight through the proxy now, per model.",
-                          labels=["model"]),
+                          "Requests in flight through the proxy now, per model and protocol "
+                          "(grpc, http); sum over protocol for a model's load.",
+                          labels=["model", "protocol"]),
         CounterMetricFamily("tritonpilot_requests_started",
-                            "Requests the proxy has started forwarding, per model.",
-                            labels=["model"]),
+                            "Requests the proxy has started forwarding, per model and protocol.",
+                            labels=["model", "protocol"]),
         CounterMetricFamily("tritonpilot_requests",
-                            "Requests finished, per model and gRPC status code.",
-                            labels=["model", "code"]),
+                            "Requests finished, per model, protocol and code (gRPC status name; "
+                            "HTTP status, 499 client closed first, 502 Triton closed first).",
+                            labels=["model", "code", "protocol"]),
         HistogramMetricFamily("tritonpilot_request_duration_seconds",
-                              "Request latency seen by the proxy, per model.",
-                              labels=["model"]),
+                              "Request latency seen by the proxy, per model and protocol.",
+                              labels=["model", "protocol"]),
     )
 
 
@@ -102,15 +104,15 @@ def _gpu_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFa
 
 def proxy_families(snapshot: ProxySnapshot) -> list[Metric]:
     inflight, started, finished, duration = _proxy_families()
-    for name in sorted(snapshot.models):
-        model = snapshot.models[name]
+    for name, protocol in sorted(snapshot.protocols):
+        model = snapshot.protocols[(name, protocol)]
         label = model_label(name)
-        inflight.add_metric([label], model.inflight)
-        started.add_metric([label], model.started_total)
+        inflight.add_metric([label, protocol], model.inflight)
+        started.add_metric([label, protocol], model.started_total)
         for code in sorted(model.finished_total):
-            finished.add_metric([label, code], model.finished_total[code])
+            finished.add_metric([label, code, protocol], model.finished_total[code])
         duration.add_metric(
-            [label],
+            [label, protocol],
             buckets=list(zip(_LE_LABELS, model.latency_bucket_counts, strict=True)),
             sum_value=model.latency_sum_s,
         )
@@ -133,16 +135,32 @@ def gpu_families(snapshot: GpuSnapshot) -> list[Metric]:
 
 class ConnectionCollector(Collector):
     """tritonpilot_connections* series: client connections open now, and those the
-    connection limits refused or sent away (proxy/limits.py)."""
+    connection limits refused or sent away (proxy/limits.py), summed over the listeners
+    given (the gRPC port's and the HTTP port's guards)."""
 
-    def __init__(self, snapshot: Callable[[], ConnectionsSnapshot]) -> None:
-        self._snapshot = snapshot
+    def __init__(self, *snapshots: Callable[[], ConnectionsSnapshot]) -> None:
+        self._snapshots = snapshots
 
     def describe(self) -> Iterator[Metric]:
         return iter(_connection_families())
 
     def collect(self) -> Iterator[Metric]:
-        yield from connection_families(self._snapshot())
+        yield from connection_families(summed_connections([take() for take in self._snapshots]))
+
+
+def summed_connections(snapshots: list[ConnectionsSnapshot]) -> ConnectionsSnapshot:
+    def add(maps: list[Mapping[str, int]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in maps:
+            for key, n in m.items():
+                out[key] = out.get(key, 0) + n
+        return out
+    if len(snapshots) == 1:
+        return snapshots[0]
+    return ConnectionsSnapshot(open=sum(s.open for s in snapshots),
+                               refused_total=add([s.refused_total for s in snapshots]),
+                               goaway_total=add([s.goaway_total for s in snapshots]),
+                               http2_refused_total=add([s.http2_refused_total for s in snapshots]))
 
 
 def _connection_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily,

@@ -16,6 +16,7 @@ import ssl
 from dataclasses import dataclass
 
 ALPN_H2 = "h2"
+ALPN_HTTP1 = "http/1.1"  # the HTTP/REST port (http_relay.py)
 
 
 class TlsError(ValueError):
@@ -41,9 +42,10 @@ def _readable(path: str, what: str) -> None:
         raise TlsError(f"{_WHERE[what]}: cannot read {path!r} ({exc.strerror or exc})") from None
 
 
-def server_context(files: TlsFiles) -> ssl.SSLContext:
-    """A TLS 1.2+ server context offering ALPN h2, requiring a client certificate when
-    files.client_ca is set. Raises TlsError naming the option at fault."""
+def server_context(files: TlsFiles, alpn: tuple[str, ...] = (ALPN_H2,)) -> ssl.SSLContext:
+    """A TLS 1.2+ server context offering `alpn` (h2 for the gRPC port, http/1.1 for the
+    HTTP port), requiring a client certificate when files.client_ca is set. Raises
+    TlsError naming the option at fault."""
     _readable(files.cert, "cert")
     _readable(files.key, "key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -57,7 +59,7 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
         raise TlsError(f"{_WHERE['cert']} / {_WHERE['key']}: cannot load {files.cert!r} with "
                        f"{files.key!r}: expected a PEM certificate (chain) and its PEM private key "
                        f"({exc.reason or exc})") from None
-    ctx.set_alpn_protocols([ALPN_H2])
+    ctx.set_alpn_protocols(list(alpn))
     if files.client_ca is not None:
         _load_ca(ctx, files.client_ca, "client_ca")
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -85,12 +87,13 @@ def _load_ca(ctx: ssl.SSLContext, path: str, what: str) -> None:
 class ServerTls:
     """The client port's TLS: `listener` goes to create_server; `reload()` re-reads the files."""
 
-    def __init__(self, files: TlsFiles) -> None:
+    def __init__(self, files: TlsFiles, alpn: tuple[str, ...] = (ALPN_H2,)) -> None:
         self.files = files
-        self._current = server_context(files)
+        self.alpn = alpn
+        self._current = server_context(files, alpn)
         # verify_mode is fixed per connection when the listener's context makes it, before the
         # callback: the listener must want client certificates exactly when the files do.
-        self.listener = server_context(files)
+        self.listener = server_context(files, alpn)
         self.listener.sni_callback = self._select
 
     def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
@@ -99,5 +102,5 @@ class ServerTls:
     def reload(self) -> None:
         """New connections use what the files hold now. Raises TlsError (and keeps the
         previous context) when they can't be used."""
-        self._current = server_context(self.files)
+        self._current = server_context(self.files, self.alpn)
 

@@ -146,12 +146,14 @@ def gates(tmp_path: Path) -> Iterator[Gates]:
 
 @pytest.fixture
 def serve_factory(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """make(triton_url, *extra CLI args): `tritonpilot serve` as a real process on free ports,
-    up and answering /healthz when returned; killed at teardown if still running."""
+    """make(triton_url, *extra CLI args): `tritonpilot serve` as a real process on free ports
+    (the HTTP port too; `--triton-http` in the extra args relays it to a Triton), up and
+    answering /healthz when returned; killed at teardown if still running."""
     made: list[ServeProcess] = []
 
     def make(triton_url: str, *extra_args: str) -> ServeProcess:
-        proc = ServeProcess(triton_url, _free_port(), _free_port(), tmp_path / f"serve-{len(made)}.log", *extra_args)
+        proc = ServeProcess(triton_url, _free_port(), _free_port(), tmp_path / f"serve-{len(made)}.log", *extra_args,
+                            http_port=_free_port())
         made.append(proc)
         proc.wait_serving()
         return proc

@@ -75,6 +75,8 @@ class SidecarThread:
 
         self.sidecar: Sidecar = self.call(make())
         self.url = f"127.0.0.1:{self.sidecar.port}"
+        # The HTTP/REST port: host:port, as tritonclient.http takes it (None when off).
+        self.http_url = f"127.0.0.1:{self.sidecar.http_port}" if self.sidecar.http_port is not None else None
         self.metrics_url = f"http://127.0.0.1:{self.sidecar.metrics.port}"
         self._stopped = False
 
@@ -98,7 +100,8 @@ class SidecarThread:
         return dict(m.finished_total) if m is not None else {}
 
     def metric(self, sample: str, **labels: str) -> float | None:
-        """One sample from /metrics, or None when it is not there."""
+        """One sample from /metrics, or None when it is not there; series with a `protocol`
+        label are summed over it unless `protocol` is given (scrape())."""
         return scrape(self.metrics_url + "/metrics").get((sample, tuple(sorted(labels.items()))))
 
     def stop(self) -> None:
@@ -115,17 +118,28 @@ class SidecarThread:
 
 
 def sidecar_config(triton_url: str, **overrides: Any) -> SidecarConfig:
-    base: dict[str, Any] = dict(triton=triton_url, listen="127.0.0.1:0", metrics_listen="127.0.0.1:0",
-                                grace_period_s=5.0)
+    """Free ports for every listener (the HTTP port too: pass triton_http to relay it to a Triton)."""
+    base: dict[str, Any] = dict(triton=triton_url, listen="127.0.0.1:0", http_listen="127.0.0.1:0",
+                                metrics_listen="127.0.0.1:0", grace_period_s=5.0)
     base.update(overrides)
     return SidecarConfig(**base)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample, sorted labels): value}. A sample with a `protocol` label (the per-model series)
+    is there as exported and also summed over protocol, under its labels without it, as
+    PromQL's `sum without (protocol)` would give it."""
     with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    summed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            if "protocol" in s.labels:
+                key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "protocol")))
+                summed[key] = summed.get(key, 0.0) + s.value
+    return {**summed, **out}
 
 
 def http_status(url: str) -> int:
@@ -143,16 +157,18 @@ class ServeProcess:
     """`python -m tritonpilot serve` on free ports, JSON logs in a file."""
 
     def __init__(self, triton_url: str, listen_port: int, metrics_port: int, log_path: Path,
-                 *extra_args: str) -> None:
+                 *extra_args: str, http_port: int | None = None) -> None:
         self.port = listen_port
         self.url = f"127.0.0.1:{listen_port}"
+        # The HTTP port: a free one, or off; extra_args may say otherwise (the last one wins).
+        self.http_url = f"127.0.0.1:{http_port}" if http_port is not None else None
         self.metrics_url = f"http://127.0.0.1:{metrics_port}"
         self.log_path = log_path
         with open(log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tritonpilot", "serve", "--triton", triton_url,
                  "--listen", self.url, "--metrics-listen", f"127.0.0.1:{metrics_port}",
-                 "--log-format", "json", *extra_args],
+                 "--http-listen", self.http_url or "off", "--log-format", "json", *extra_args],
                 cwd=log_path.parent, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
 
     def wait_serving(self) -> None:

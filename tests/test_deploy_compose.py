@@ -200,12 +200,14 @@ def test_sidecar_options_agree_with_the_stack(services: dict[str, dict[str, Any]
     assert host_port(config.triton) == ("triton", int(triton_flags["grpc-port"]))
     url = urlsplit(config.triton_metrics_url or "")
     assert (url.hostname, url.port, url.path) == ("triton", int(triton_flags["metrics-port"]), "/metrics")
+    assert host_port(config.triton_http) == ("triton", int(triton_flags["http-port"]))
     ports = published(services["tritonpilot"])
-    for address in (config.listen, config.metrics_listen):
+    for address in (config.listen, config.http_listen, config.metrics_listen):
         host, port = host_port(address)
         assert host == "0.0.0.0", f"{address}: unreachable from outside the container"
         assert port in ports, f"{address} is not published; published: {ports}"
-    assert ports[host_port(config.listen)[1]][0] == "0.0.0.0", "clients reach the sidecar from other machines"
+    for address in (config.listen, config.http_listen):
+        assert ports[host_port(address)[1]][0] == "0.0.0.0", "clients reach the sidecar from other machines"
     # Compose stops the sidecar (it depends on triton) first; it drains within its stop grace period.
     assert float(services["tritonpilot"]["stop_grace_period"].rstrip("s")) > config.grace_period_s
     assert list(services["tritonpilot"]["depends_on"]) == ["triton"]

@@ -522,7 +522,10 @@ def test_sidecar_options_agree_with_the_pod(objects: list[dict[str, Any]], tmp_p
     url = urlsplit(config.triton_metrics_url or "")
     assert (url.hostname, url.port, url.path) == ("127.0.0.1", int(flags["metrics-port"]), "/metrics"), \
         "no NVML in the sidecar: its GPU data must come from Triton's metrics endpoint"
-    for address, port_name in ((config.listen, "grpc"), (config.metrics_listen, "metrics")):
+    host, _, port = config.triton_http.rpartition(":")
+    assert host in {"127.0.0.1", "localhost"} and int(port) == int(flags["http-port"]), config.triton_http
+    for address, port_name in ((config.listen, "grpc"), (config.http_listen, "http"),
+                               (config.metrics_listen, "metrics")):
         host, _, port = address.rpartition(":")
         assert host == "0.0.0.0", f"{address}: unreachable from outside the container"
         assert container_port(sidecar, port_name) == int(port), (address, port_name)

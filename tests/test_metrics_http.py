@@ -74,17 +74,40 @@ def scrape(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]]
 def test_collector_exports_inflight_counts_and_started() -> None:
     samples = scrape(ProxyCollector(drive_stats(), FixedGpuSampler(TWO_GPUS), clock=lambda: 12.0))
 
-    assert samples[("tritonpilot_inflight_requests", (("model", "resnet"),))] == 2
-    assert samples[("tritonpilot_inflight_requests", (("model", "_unknown"),))] == 0
-    assert samples[("tritonpilot_requests_started_total", (("model", "resnet"),))] == 5
-    assert samples[("tritonpilot_requests_started_total", (("model", "_unknown"),))] == 1
+    grpc = ("protocol", "grpc")
+    assert samples[("tritonpilot_inflight_requests", (("model", "resnet"), grpc))] == 2
+    assert samples[("tritonpilot_inflight_requests", (("model", "_unknown"), grpc))] == 0
+    assert samples[("tritonpilot_requests_started_total", (("model", "resnet"), grpc))] == 5
+    assert samples[("tritonpilot_requests_started_total", (("model", "_unknown"), grpc))] == 1
     finished = {labels: value for (name, labels), value in samples.items()
                 if name == "tritonpilot_requests_total"}
     assert finished == {
-        (("code", "OK"), ("model", "resnet")): 2,
-        (("code", "UNAVAILABLE"), ("model", "resnet")): 1,
-        (("code", "INVALID_ARGUMENT"), ("model", "_unknown")): 1,
+        (("code", "OK"), ("model", "resnet"), grpc): 2,
+        (("code", "UNAVAILABLE"), ("model", "resnet"), grpc): 1,
+        (("code", "INVALID_ARGUMENT"), ("model", "_unknown"), grpc): 1,
     }
+
+
+def test_each_protocol_has_its_series_and_the_controller_reads_their_sum() -> None:
+    stats = ProxyStats()
+    grpc, http = stats.model("m", 0.0), stats.model("m", 0.0, protocol="http")
+    grpc.begin(0.0)
+    http.begin(1.0)
+    http.begin(1.0)
+    http.end(2.0, 200, 1.0)
+    http.end(2.0, 503, 1.0)
+    assert grpc.inflight == http.inflight == 1  # the model's, over both: what a cap compares
+    samples = scrape(ProxyCollector(stats, NullGpuSampler(), clock=lambda: 4.0))
+    inflight = {labels: v for (name, labels), v in samples.items() if name == "tritonpilot_inflight_requests"}
+    assert inflight == {(("model", "m"), ("protocol", "grpc")): 1, (("model", "m"), ("protocol", "http")): 0}
+    codes = {labels: v for (name, labels), v in samples.items() if name == "tritonpilot_requests_total"}
+    assert codes == {(("code", "200"), ("model", "m"), ("protocol", "http")): 1,
+                     (("code", "503"), ("model", "m"), ("protocol", "http")): 1}
+    summed = stats.snapshot(4.0, reset_peaks=True).models["m"]
+    # 1 x (1-0) + 3 x (2-1) + 1 x (4-2) request-seconds; the peak of the sum, not a sum of peaks.
+    assert (summed.inflight, summed.inflight_peak, summed.inflight_seconds) == (1, 3, 6.0)
+    assert (summed.started_total, summed.finished_total, summed.errors_total) == (3, {"200": 1, "503": 1}, 1)
+    assert summed.latency_count == 2
 
 
 def test_collector_exports_the_latency_histogram_bucket_by_bucket() -> None:
@@ -92,7 +115,7 @@ def test_collector_exports_the_latency_histogram_bucket_by_bucket() -> None:
 
     def bucket(model: str, le: str) -> float:
         return samples[("tritonpilot_request_duration_seconds_bucket",
-                        (("le", le), ("model", model)))]
+                        (("le", le), ("model", model), ("protocol", "grpc")))]
 
     assert [bucket("resnet", le) for le in ("0.0025", "0.005", "0.01", "0.02", "0.035",
                                             "30.0", "+Inf")] == [0, 1, 1, 2, 2, 2, 3]
@@ -100,12 +123,12 @@ def test_collector_exports_the_latency_histogram_bucket_by_bucket() -> None:
            if name == "tritonpilot_request_duration_seconds_bucket"
            and ("model", "resnet") in labels]
     assert len(les) == len(LATENCY_BUCKETS_S) + 1
-    resnet = (("model", "resnet"),)
+    resnet = (("model", "resnet"), ("protocol", "grpc"))
     assert samples[("tritonpilot_request_duration_seconds_count", resnet)] == 3
     assert samples[("tritonpilot_request_duration_seconds_sum", resnet)] == pytest.approx(45.023)
     # The unknown-model request had no latency: an empty histogram, not a made-up one.
     assert bucket("_unknown", "+Inf") == 0
-    assert samples[("tritonpilot_request_duration_seconds_count", (("model", "_unknown"),))] == 0
+    assert samples[("tritonpilot_request_duration_seconds_count", (("model", "_unknown"), ("protocol", "grpc")))] == 0
 
 
 def test_collector_exports_gpus_when_there_are_data() -> None:
@@ -126,7 +149,7 @@ def test_collector_exports_gpus_when_there_are_data() -> None:
 def test_collector_exports_no_gpu_series_without_data() -> None:
     samples = scrape(ProxyCollector(drive_stats(), NullGpuSampler("no GPU here")))
     assert not [name for name, _ in samples if "_gpu_" in name]
-    assert ("tritonpilot_inflight_requests", (("model", "resnet"),)) in samples
+    assert ("tritonpilot_inflight_requests", (("model", "resnet"), ("protocol", "grpc"))) in samples
 
 
 def test_collector_reads_live_stats_at_each_scrape_and_never_resets_peaks() -> None:
@@ -135,9 +158,10 @@ def test_collector_reads_live_stats_at_each_scrape_and_never_resets_peaks() -> N
     collector = ProxyCollector(stats, NullGpuSampler(), clock=lambda: 1.0)
     model.begin(now_s=0.0)
     model.begin(now_s=0.0)
-    assert scrape(collector)[("tritonpilot_inflight_requests", (("model", "m"),))] == 2
+    m = (("model", "m"), ("protocol", "grpc"))
+    assert scrape(collector)[("tritonpilot_inflight_requests", m)] == 2
     model.end(now_s=0.5, grpc_code=OK, duration_s=0.5)
-    assert scrape(collector)[("tritonpilot_inflight_requests", (("model", "m"),))] == 1
+    assert scrape(collector)[("tritonpilot_inflight_requests", m)] == 1
     # The controller's "peak since my previous look" survives any number of scrapes.
     assert stats.snapshot(now_s=2.0, reset_peaks=True).models["m"].inflight_peak == 2
 
@@ -252,7 +276,7 @@ def test_metrics_serves_prometheus_text() -> None:
     assert status == 200 and content_type.startswith("text/plain")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(body) for s in family.samples}
-    assert samples[("tritonpilot_inflight_requests", (("model", "resnet"),))] == 2
+    assert samples[("tritonpilot_inflight_requests", (("model", "resnet"), ("protocol", "grpc")))] == 2
     assert samples[("tritonpilot_gpu_utilization_ratio", (("gpu", "1"), ("uuid", "GPU-bbbb")))] == 1.0
     # Prometheus asking for OpenMetrics gets it.
     assert om_status == 200 and om_type.startswith("application/openmetrics-text")

@@ -46,7 +46,7 @@ def test_every_option_has_its_environment_variable_in_help(capsys: pytest.Captur
         cli.main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     dests = [a.dest for a in serve.option_parser()._actions]
-    assert len(dests) == 31
+    assert len(dests) == 34
     for dest in dests:
         assert f"env {serve.env_name(dest)}" in text, dest
     assert "Precedence: option > environment > policy file > default." in text
@@ -73,6 +73,26 @@ def test_no_proxy_from_the_flag_or_the_environment() -> None:
     assert _resolve(("--no-proxy",), {}).proxy_enabled is False
     assert _resolve((), {"TRITONPILOT_NO_PROXY": "true"}).proxy_enabled is False
     assert _resolve((), {"TRITONPILOT_NO_PROXY": "false"}).proxy_enabled is True
+
+
+def test_the_http_port_options_from_flags_the_environment_or_off() -> None:
+    default = _resolve((), {})
+    assert (default.http_listen, default.triton_http, default.http_restricted_apis) == (
+        "0.0.0.0:8100", "127.0.0.1:8000", ())
+    config = _resolve(("--http-listen", "127.0.0.1:18100", "--triton-http", "triton:18000",
+                       "--http-restricted-api", "inference:k=v"), {})
+    assert (config.http_listen, config.triton_http, config.http_restricted_apis) == (
+        "127.0.0.1:18100", "triton:18000", ("inference:k=v",))
+    config = _resolve((), {"TRITONPILOT_HTTP_LISTEN": "off", "TRITONPILOT_TRITON_HTTP": "h:1",
+                           "TRITONPILOT_HTTP_RESTRICTED_API": "health:a=b metadata:c=d"})
+    assert (config.http_listen, config.triton_http, config.http_restricted_apis) == (
+        "off", "h:1", ("health:a=b", "metadata:c=d"))
+    with pytest.raises(ValueError, match="--http-listen: got 'nowhere'; expected HOST:PORT .* or off"):
+        _resolve(("--http-listen", "nowhere"), {})
+    with pytest.raises(ValueError, match="--triton-http: got 'x'"):
+        _resolve(("--triton-http", "x"), {})
+    with pytest.raises(ValueError, match="--http-restricted-api: got 'bogus:k=v'; unknown protocol group"):
+        _resolve(("--http-restricted-api", "bogus:k=v"), {})
 
 
 def test_the_policy_file_itself_can_come_from_the_environment(policy: Path) -> None:
@@ -123,6 +143,7 @@ def test_serve_configured_only_by_environment_listens_where_it_says(tmp_path: Pa
     from tritonpilot.ports import free_port as another_port
     metrics_port, triton_port = free_port, another_port()
     env = {**os.environ, "TRITONPILOT_LISTEN": f"127.0.0.1:{another_port()}",
+           "TRITONPILOT_HTTP_LISTEN": f"127.0.0.1:{another_port()}",
            "TRITONPILOT_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
            "TRITONPILOT_TRITON": f"127.0.0.1:{triton_port}", "TRITONPILOT_LOG_FORMAT": "json"}
     log_path = tmp_path / "serve.log"
@@ -147,6 +168,7 @@ def test_serve_configured_only_by_environment_listens_where_it_says(tmp_path: Pa
         started = [json.loads(line) for line in log_path.read_text().splitlines()
                    if line.startswith("{") and '"sidecar.started"' in line]
         assert started and started[0]["listen"] == env["TRITONPILOT_LISTEN"]
+        assert started[0]["http_listen"] == env["TRITONPILOT_HTTP_LISTEN"]
     finally:
         proc.terminate()
         proc.wait(30)

@@ -13,6 +13,9 @@ from typing import Any, Protocol
 from tritonpilot.proxy.gpu import GpuSampler
 from tritonpilot.proxy.stats import ProxyStats
 
+# --http-listen off: no HTTP/REST port.
+HTTP_OFF = "off"
+
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -25,6 +28,9 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
 class SidecarConfig:
     triton: str = "127.0.0.1:8001"
     listen: str = "0.0.0.0:8101"
+    # The HTTP/REST port (proxy/http_relay.py) and Triton's HTTP port; HTTP_OFF: no HTTP port.
+    http_listen: str = "0.0.0.0:8100"
+    triton_http: str = "127.0.0.1:8000"
     # False (--no-proxy): no client listener, only the controller and metrics; clients stay on Triton's ports.
     proxy_enabled: bool = True
     metrics_listen: str = "127.0.0.1:9101"
@@ -33,6 +39,8 @@ class SidecarConfig:
     max_message_bytes: int | None = None
     # Triton's GROUPS:KEY=VALUE restrictions, enforced by the proxy (proxy/restrict.py).
     restricted_protocols: tuple[str, ...] = ()
+    # Triton's --http-restricted-api GROUPS:KEY=VALUE, enforced on the HTTP port.
+    http_restricted_apis: tuple[str, ...] = ()
     # Requests in flight per model past which the proxy sheds (proxy/shedding.py); None: no cap.
     max_inflight: int | None = None
     model_max_inflight: Mapping[str, int] = field(default_factory=dict)

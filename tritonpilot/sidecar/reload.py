@@ -73,6 +73,7 @@ LIVE_CONFIG_KEYS: dict[str, str] = {
     "allow_client_model_control": "proxy.allow_client_model_control",
     "max_message_bytes": "proxy.max_message_bytes",
     "restricted_protocols": "proxy.restricted_protocols",
+    "http_restricted_apis": "proxy.http_restricted_apis",
     "max_inflight": "proxy.max_inflight",
     "grace_period_s": "proxy.grace_period_s",  # read at shutdown
 }
@@ -82,6 +83,8 @@ RESTART_CONFIG_KEYS: dict[str, str] = {
     "triton_metrics_url": "triton.metrics_url",
     "triton_tls_ca": "triton.tls_ca",
     "listen": "proxy.listen",
+    "http_listen": "proxy.http_listen",
+    "triton_http": "triton.http",
     "metrics_listen": "metrics.listen",
     # The TLS files' contents are re-read on SIGHUP; their paths are fixed at start.
     "tls_cert": "proxy.tls.cert",

@@ -27,14 +27,15 @@ from tritonpilot import exits
 from tritonpilot.logs import configure_logging
 from tritonpilot.proxy.gpu import GpuSampler, NullGpuSampler, TritonMetricsGpuSource, make_gpu_sampler
 from tritonpilot.proxy.http import MetricsServer
+from tritonpilot.proxy.http_relay import HttpRelay, HttpRelayOptions
 from tritonpilot.proxy.limits import ConnectionLimits, Http2Limits
 from tritonpilot.proxy.metrics import ConnectionCollector, ProxyCollector, new_registry
 from tritonpilot.proxy.relay import Relay, RelayOptions
 from tritonpilot.proxy.restrict import SYNTAX, RestrictionError, groups_text, parse_restrictions
 from tritonpilot.proxy.shedding import InflightCaps
 from tritonpilot.proxy.stats import ProxyStats
-from tritonpilot.proxy.tls import ServerTls, TlsError, TlsFiles, server_context, upstream_context
-from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig, parse_host_port
+from tritonpilot.proxy.tls import ALPN_HTTP1, ServerTls, TlsError, TlsFiles, server_context, upstream_context
+from tritonpilot.sidecar.config import HTTP_OFF, ControllerFactory, SidecarConfig, parse_host_port
 
 if TYPE_CHECKING:
     from tritonpilot.control.record import RecordWriter
@@ -69,10 +70,27 @@ class Sidecar:
             upstream_ssl=upstream_ssl,
             restricted_protocols=parse_restrictions(config.restricted_protocols),
             max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight))), self.stats)
+        # The HTTP/REST port: the same front door, its own listener and connection guard.
+        self.http_tls = ServerTls(tls_files(config), alpn=(ALPN_HTTP1,)) if config.tls_cert else None
+        self.http_relay: HttpRelay | None = None
+        if config.proxy_enabled and config.http_listen != HTTP_OFF:
+            hhost, hport = parse_host_port(config.triton_http, "--triton-http")
+            self.http_relay = HttpRelay(HttpRelayOptions(
+                upstream_host=hhost, upstream_port=hport,
+                allow_client_model_control=config.allow_client_model_control,
+                max_message_bytes=config.max_message_bytes,
+                connect_timeout_s=config.connect_timeout_s,
+                tcp_keepalive_s=config.tcp_keepalive_s,
+                limits=connection_limits(config),
+                max_head_bytes=config.max_header_block_bytes or (1 << 30),
+                server_ssl=self.http_tls.listener if self.http_tls else None,
+                restricted_apis=parse_restrictions(config.http_restricted_apis),
+                max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight))), self.stats)
         self.gpu: GpuSampler = make_gpu_sampler(config.gpu_interval_s, log)
         if isinstance(self.gpu, NullGpuSampler) and config.triton_metrics_url:
             self.gpu = TritonMetricsGpuSource(config.triton_metrics_url, interval_s=config.gpu_interval_s)
-        collectors: list[Any] = [ProxyCollector(self.stats, self.gpu), ConnectionCollector(self.relay.guard.snapshot)]
+        guards = [self.relay.guard.snapshot] + ([self.http_relay.guard.snapshot] if self.http_relay else [])
+        collectors: list[Any] = [ProxyCollector(self.stats, self.gpu), ConnectionCollector(*guards)]
         self.registry = new_registry(collectors)
         self.controller = controller_factory(self.stats, self.gpu, self.registry) if controller_factory else None
         self.policy_source = policy_source
@@ -94,6 +112,7 @@ class Sidecar:
             self._channel = grpc.aio.insecure_channel(config.triton, options=RECONNECT_OPTIONS)
         self._tasks: list[asyncio.Task] = []
         self.port: int | None = None
+        self.http_port: int | None = None
         self.stopping = asyncio.Event()
 
     async def _triton_ready(self) -> tuple[bool, str]:
@@ -110,6 +129,9 @@ class Sidecar:
         host, port = parse_host_port(self.config.listen, "--listen")
         if self.config.proxy_enabled:  # --no-proxy: controller and metrics only, no client listener
             self.port = await self.relay.start(host, port)
+        if self.http_relay is not None:
+            hhost, hport = parse_host_port(self.config.http_listen, "--http-listen")
+            self.http_port = await self.http_relay.start(hhost, hport)
         await self.metrics.start()
         self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-sampler"))
         if self.controller is not None:
@@ -118,6 +140,8 @@ class Sidecar:
             self._tasks.append(asyncio.create_task(self._watch_policy(), name="policy-watcher"))
         log.info("sidecar.started", listen=f"{host}:{self.port}" if self.port is not None else None,
                  triton=self.config.triton,
+                 http_listen=f"{self.config.http_listen.rpartition(':')[0]}:{self.http_port}"
+                 if self.http_port is not None else None, triton_http=self.config.triton_http,
                  metrics=f"{self.config.metrics_listen.rpartition(':')[0]}:{self.metrics.port}",
                  controller=self.controller is not None)
 
@@ -127,7 +151,11 @@ class Sidecar:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.relay.shutdown(self.config.grace_period_s)
+        # Both ports drain side by side, within the one grace period.
+        drains = [self.relay.shutdown(self.config.grace_period_s)]
+        if self.http_relay is not None:
+            drains.append(self.http_relay.shutdown(self.config.grace_period_s))
+        await asyncio.gather(*drains)
         self.gpu.close()
         await self.metrics.stop()
         await self._channel.close()
@@ -140,6 +168,8 @@ class Sidecar:
             return
         try:
             self.tls.reload()
+            if self.http_tls is not None:
+                self.http_tls.reload()
         except TlsError as exc:
             log.error("sidecar.tls_reload_failed", error=str(exc), kept="the previous certificate")
             return
@@ -177,6 +207,12 @@ class Sidecar:
                                max_message_bytes=config.max_message_bytes,
                                restricted_protocols=parse_restrictions(config.restricted_protocols),
                                max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight)))
+        if self.http_relay is not None:
+            self.http_relay.reconfigure(allow_client_model_control=config.allow_client_model_control,
+                                        max_message_bytes=config.max_message_bytes,
+                                        restricted_apis=parse_restrictions(config.http_restricted_apis),
+                                        max_inflight=InflightCaps(config.max_inflight,
+                                                                  dict(config.model_max_inflight)))
         self.config = config  # grace_period_s is read at shutdown
         if self.controller is not None:
             replace_controller_policy(self.controller, new.policy)  # type: ignore[arg-type]
@@ -231,8 +267,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-metrics-url", metavar="URL",
                         help="Triton's /metrics, read for GPU figures when NVML is absent (default: none)")
     parser.add_argument("--listen", metavar="HOST:PORT", help=f"where clients connect (default {d.listen})")
+    parser.add_argument("--http-listen", metavar="HOST:PORT",
+                        help=f"where HTTP/REST clients connect (default {d.http_listen}; {HTTP_OFF}: no HTTP port)")
+    parser.add_argument("--triton-http", metavar="HOST:PORT",
+                        help=f"Triton's HTTP/REST address (default {d.triton_http})")
     parser.add_argument("--no-proxy", action="store_true", default=None,
-                        help="no client listener: the controller and metrics alone (clients stay on Triton's ports)")
+                        help="no client listener (neither gRPC nor HTTP): the controller and metrics alone "
+                             "(clients stay on Triton's ports)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help=f"/metrics, /healthz, /readyz, /status (default {d.metrics_listen})")
     parser.add_argument("--allow-client-model-control", action="store_true", default=None,
@@ -244,6 +285,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              f"({groups_text()}) need the header triton-grpc-protocol-KEY: VALUE, else the "
                              "proxy answers UNAVAILABLE as Triton would; repeatable (default: none; the "
                              "environment variable takes several, separated by whitespace)")
+    parser.add_argument("--http-restricted-api", action="append", metavar=SYNTAX,
+                        help="as Triton's --http-restricted-api: HTTP requests of these groups need the header "
+                             "KEY: VALUE, else the proxy answers 403 as Triton would; repeatable (default: none; "
+                             "the environment variable takes several, separated by whitespace)")
     parser.add_argument("--max-inflight", type=int, metavar="N",
                         help="per model, requests in flight past which ModelInfer calls get RESOURCE_EXHAUSTED "
                              "at once; the policy's models.<name>.max_inflight overrides it (default: no cap)")
@@ -350,7 +395,8 @@ def apply_environment(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return argparse.Namespace(**values)
 
 
-_OPTION_FIELDS = ("triton", "triton_metrics_url", "listen", "metrics_listen", "allow_client_model_control",
+_OPTION_FIELDS = ("triton", "triton_metrics_url", "listen", "http_listen", "triton_http", "metrics_listen",
+                  "allow_client_model_control",
                   "max_message_bytes", "max_inflight", "grace_period_s", "tcp_keepalive_s", "log_format", "log_level",
                   "tls_cert", "tls_key", "tls_client_ca", "triton_tls_ca", "max_connections", "preface_timeout_s",
                   "idle_timeout_s", "max_connection_age_s", "max_connection_age_grace_s", "max_resets_per_s",
@@ -363,12 +409,19 @@ def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarCo
     overrides = {field: getattr(args, field) for field in _OPTION_FIELDS if getattr(args, field, None) is not None}
     if getattr(args, "restricted_protocol", None) is not None:
         overrides["restricted_protocols"] = tuple(args.restricted_protocol)
+    if getattr(args, "http_restricted_api", None) is not None:
+        overrides["http_restricted_apis"] = tuple(args.http_restricted_api)
     config = replace(base, **overrides)
     if getattr(args, "no_proxy", None):
         config = replace(config, proxy_enabled=False)
     for what, value in (("--triton", config.triton), ("--listen", config.listen),
-                        ("--metrics-listen", config.metrics_listen)):
+                        ("--metrics-listen", config.metrics_listen), ("--triton-http", config.triton_http)):
         parse_host_port(value, what)
+    if config.http_listen != HTTP_OFF:
+        try:
+            parse_host_port(config.http_listen, "--http-listen")
+        except ValueError as exc:
+            raise ValueError(f"{exc} or {HTTP_OFF}") from None
     if config.max_message_bytes is not None and config.max_message_bytes < 1:
         raise ValueError(f"--max-message-bytes: got {config.max_message_bytes}; must be >= 1")
     if config.max_inflight is not None and config.max_inflight < 1:
@@ -377,6 +430,10 @@ def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarCo
         parse_restrictions(config.restricted_protocols)
     except RestrictionError as exc:
         raise ValueError(f"--restricted-protocol: {exc}") from None
+    try:
+        parse_restrictions(config.http_restricted_apis)
+    except RestrictionError as exc:
+        raise ValueError(f"--http-restricted-api: {exc}") from None
     if config.grace_period_s < 0:
         raise ValueError(f"--grace-period-s: got {config.grace_period_s:g}; must be >= 0")
     config = _connection_limits_checked(config)

@@ -1,0 +1,418 @@
+"""The HTTP/REST relay for Triton's HTTP port: the asyncio shell around http_core.py.
+
+Each client connection gets its own upstream connection to Triton's HTTP port; bytes are
+relayed unchanged (http_core.HttpExchanges finds where messages start and end, and
+counts). Backpressure: a side that can't write pauses reading on the other.
+
+The front door, as on the gRPC port:
+- TLS on the client side (tls.ServerTls with ALPN http/1.1); Triton's HTTP port is plaintext;
+- connection limits (limits.ConnectionGuard): max connections (closed unread), the first
+  request's head within the preface timeout, idle timeout, max age. The graceful close
+  ("GOAWAY") of HTTP/1.1: requests open then finish, later ones get 503 with
+  `Connection: close`, and the connection closes once nothing is owed;
+- a cap on a request head's size (431 and close);
+- Triton's restricted APIs (`--http-restricted-api GROUPS:KEY=VALUE`): a request of a
+  restricted group without the header `KEY: VALUE` gets what Triton answers,
+  403 `{"error":"This API is restricted, expecting header 'KEY'"}` (server
+  src/http_server.cc, RespondIfRestricted, Triton 2.51);
+- client model control (POST /v2/repository[/<repo>]/models/<m>/load|unload) gets 403
+  unless allowed;
+- per-model caps on requests in flight (shedding.py): 429, the HTTP status gRPC's
+  RESOURCE_EXHAUSTED (what the gRPC relay answers) maps to. Triton's own "too busy"
+  (a full queue) is UNAVAILABLE, HTTP 503: 429 keeps the proxy's shedding apart from
+  Triton's in the metrics, and tells clients to retry later;
+- a Content-Length past --max-message-bytes gets 413 (chunked bodies are not measured).
+
+Triton unreachable: every request on that connection is answered 503 at once with
+`Connection: close`, so the client's next connection tries Triton again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import cast
+
+import structlog
+
+from tritonpilot.proxy.http_core import HttpExchanges, Refusal, RequestHead
+from tritonpilot.proxy.limits import ConnectionGuard, ConnectionLimits, Observed
+from tritonpilot.proxy.restrict import Restriction
+from tritonpilot.proxy.shedding import InflightCaps, refusal_message
+from tritonpilot.proxy.stats import HTTP, ModelStats, ProxyStats
+
+log = structlog.get_logger(__name__)
+
+# Client bytes held while the upstream connection is being made; past this, reading pauses.
+_EARLY_LIMIT_BYTES = 1 << 20
+
+MODEL_CONTROL_REFUSAL = ("tritonpilot: model control is reserved for the tritonpilot controller, which owns "
+                         "the model lifecycle; start the sidecar with --allow-client-model-control to let "
+                         "clients load and unload models")
+
+
+@dataclass(frozen=True)
+class HttpRelayOptions:
+    upstream_host: str
+    upstream_port: int
+    allow_client_model_control: bool = False
+    # None = no limit: a Content-Length past it is answered 413.
+    max_message_bytes: int | None = None
+    connect_timeout_s: float = 1.0
+    tcp_keepalive_s: float | None = 60.0
+    limits: ConnectionLimits = ConnectionLimits()
+    # A request's head (request line + headers) past this many bytes: 431 and close.
+    max_head_bytes: int = 64 * 1024
+    server_ssl: ssl.SSLContext | None = None
+    # Triton's --http-restricted-api rules, enforced here; () = none.
+    restricted_apis: tuple[Restriction, ...] = ()
+    max_inflight: InflightCaps | None = None
+
+
+class HttpDoor:
+    """Triton's --http-restricted-api rules by protocol group (the same groups as gRPC's)."""
+
+    __slots__ = ("_by_group",)
+
+    def __init__(self, restrictions: Sequence[Restriction]) -> None:
+        self._by_group: dict[str, tuple[bytes, bytes, str]] = {}
+        for r in restrictions:
+            message = f"This API is restricted, expecting header '{r.key}'"
+            for group in r.groups:
+                self._by_group[group] = (r.key.lower().encode(), r.value.encode(), message)
+
+    def refusal(self, head: RequestHead) -> str | None:
+        rule = self._by_group.get(head.group) if head.group is not None else None
+        if rule is None:
+            return None
+        name, value, message = rule
+        return None if head.header(name) == value else message
+
+
+def _set_keepalive(transport: asyncio.BaseTransport, keepalive_s: float | None) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or keepalive_s is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_s)))
+    except OSError:
+        pass
+
+
+class _Pair:
+    """A client connection, its upstream connection and their core; also the core's Gate."""
+
+    def __init__(self, relay: HttpRelay, client: asyncio.Transport) -> None:
+        self.relay = relay
+        self.stats = relay.stats
+        self.client = client
+        self.upstream: asyncio.Transport | None = None
+        self.core = HttpExchanges(self, relay.options.max_head_bytes)
+        self.early: list[bytes] = []
+        self.early_bytes = 0
+        self.connected = False
+        self.unreachable: str | None = None
+        self.held_paused = False
+        self.closed = False
+        self.done = asyncio.get_running_loop().create_future()
+
+    # ---- the Gate (http_core) -----------------------------------------------------------
+
+    def admit(self, head: RequestHead, now_s: float) -> Refusal | None:
+        relay = self.relay
+        if relay.door is not None:
+            message = relay.door.refusal(head)
+            if message is not None:
+                return Refusal(403, message, untyped=True)
+        opts = relay.options
+        if head.kind in ("load", "unload") and head.method == b"POST" and not opts.allow_client_model_control:
+            return Refusal(403, MODEL_CONTROL_REFUSAL)
+        if opts.max_message_bytes is not None:
+            length = head.header(b"content-length")
+            if length is not None and length.isdigit() and int(length) > opts.max_message_bytes:
+                return Refusal(413, f"tritonpilot: request body larger than max "
+                                    f"({int(length)} vs. {opts.max_message_bytes})")
+        if head.counted:
+            assert head.model is not None
+            stats = self.stats.model(head.model, now_s, HTTP)
+            if self.unreachable is not None:
+                stats.begin(now_s)
+                stats.end(now_s, 503, 0.0)
+                return Refusal(503, self.unreachable, close=True)
+            caps = relay.caps
+            if caps is not None:
+                cap = caps.cap(stats.model)
+                if cap is not None and stats.inflight >= cap:
+                    stats.refused(429)
+                    return Refusal(429, refusal_message(stats.model, cap))
+        elif self.unreachable is not None:
+            return Refusal(503, self.unreachable, close=True)
+        return None
+
+    def begin(self, head: RequestHead, now_s: float) -> object:
+        assert head.model is not None
+        stats = self.stats.model(head.model, now_s, HTTP)
+        stats.begin(now_s)
+        return stats
+
+    def end(self, token: object, status: int, now_s: float, duration_s: float | None) -> None:
+        cast(ModelStats, token).end(now_s, status, duration_s)
+
+    # ---- bytes --------------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        if not self.connected:
+            self.early.append(data)
+            self.early_bytes += len(data)
+            if self.early_bytes > _EARLY_LIMIT_BYTES:
+                self.client.pause_reading()
+            return
+        self._step(lambda now: self.core.client_data(data, now))
+
+    def from_upstream(self, data: bytes) -> None:
+        self._step(lambda now: self.core.upstream_data(data, now))
+
+    def upstream_connected(self, transport: asyncio.Transport | None, unreachable: str | None = None) -> None:
+        self.upstream = transport
+        self.unreachable = unreachable
+        self.connected = True
+        early, self.early = self.early, []
+        if self.early_bytes > _EARLY_LIMIT_BYTES:
+            self.client.resume_reading()
+        self.early_bytes = 0
+        for chunk in early:
+            self.from_client(chunk)
+
+    def _step(self, action: Callable[[float], None]) -> None:
+        if self.closed:
+            return
+        try:
+            action(time.monotonic())
+        except Exception as exc:  # a bug must cost one connection, never the relay
+            log.error("http_relay.connection_error", error=repr(exc))
+            self.core.client_closed(time.monotonic())
+        self.flush()
+
+    def flush(self) -> None:
+        core = self.core
+        up = core.take_upstream()
+        if up and self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.writelines(up)
+        out = core.take_client()
+        if out and not self.client.is_closing():
+            self.client.writelines(out)
+        # Pipelined requests wait in the core until Triton answers the one before: bounded.
+        if not self.held_paused and core.held_bytes > _EARLY_LIMIT_BYTES:
+            self.held_paused = True
+            self.client.pause_reading()
+        elif self.held_paused and core.held_bytes <= _EARLY_LIMIT_BYTES:
+            self.held_paused = False
+            self.client.resume_reading()
+        if core.abort_reason is not None:
+            log.info("http_relay.connection_closed", reason=core.abort_reason)
+            core.abort_reason = None
+        if core.close_client or core.close_upstream:
+            self.close()
+
+    # ---- life cycle ---------------------------------------------------------------------
+
+    def client_lost(self) -> None:
+        if not self.closed:
+            self.core.client_closed(time.monotonic())
+            self.close()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            if self.core.open_requests:
+                log.info("http_relay.upstream_lost", error=repr(exc) if exc else None,
+                         open_requests=self.core.open_requests)
+            self.core.upstream_closed(time.monotonic())
+            self.flush()
+            self.close()
+
+    def goaway(self) -> None:
+        self.core.goaway()
+        self.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if not self.core.closed and self.core.open_requests:
+            self.core.client_closed(time.monotonic())  # whatever is still open ends as 499
+        self.closed = True
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+        self.relay.pairs.discard(self)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, relay: HttpRelay) -> None:
+        self.relay = relay
+        self.pair: _Pair | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if not self.relay.guard.admit(self, time.monotonic()):
+            transport.close()  # over --max-connections: closed unread (counted by the guard)
+            return
+        _set_keepalive(transport, self.relay.options.tcp_keepalive_s)
+        self.pair = _Pair(self.relay, cast(asyncio.Transport, transport))
+        self.relay.pairs.add(self.pair)
+        self.relay.connect_upstream(self.pair)
+
+    def data_received(self, data: bytes) -> None:
+        if self.pair is not None:
+            self.pair.from_client(data)
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its requests still gets their responses; one that
+        # stops in the middle of a request is gone.
+        pair = self.pair
+        if pair is None or pair.core.mid_request or not (pair.core.open_requests or pair.core.held_bytes):
+            return None  # the transport closes
+        pair.core.goaway()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.guard.forget(self)
+        if self.pair is not None:
+            self.pair.client_lost()
+
+    # ---- what the connection guard (limits.py) sees and does -------------------------
+
+    def observe(self) -> Observed:
+        pair = self.pair
+        if pair is None:
+            return Observed(True, 0, 0)
+        core = pair.core
+        # The "preface" of an HTTP/1.1 connection: its first request head.
+        busy = core.open_requests + (core.mid_request or core.held_bytes > 0)
+        return Observed(core.requests_seen > 0, core.requests_seen, busy)
+
+    def goaway(self) -> None:
+        if self.pair is not None:
+            self.pair.goaway()
+        else:
+            self.transport.close()
+
+    def close(self) -> None:
+        if self.pair is not None:
+            self.pair.close()
+        else:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.pair is not None and self.pair.upstream is not None:
+            self.pair.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pair is not None and self.pair.upstream is not None:
+            self.pair.upstream.resume_reading()
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, pair: _Pair) -> None:
+        self.pair = pair
+
+    def data_received(self, data: bytes) -> None:
+        self.pair.from_upstream(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pair.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.pair.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.pair.client.resume_reading()
+
+
+class HttpRelay:
+    """The HTTP listening side: accepts client connections and pairs each with Triton's HTTP port."""
+
+    # What a policy reload may change while connections stay open.
+    LIVE_OPTIONS = frozenset({"allow_client_model_control", "max_message_bytes", "restricted_apis", "max_inflight"})
+
+    def __init__(self, options: HttpRelayOptions, stats: ProxyStats) -> None:
+        self.stats = stats
+        self.pairs: set[_Pair] = set()
+        self.guard = ConnectionGuard(options.limits)
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._apply(options)
+
+    def _apply(self, options: HttpRelayOptions) -> None:
+        self.options = options
+        self.door = HttpDoor(options.restricted_apis) if options.restricted_apis else None
+        caps = options.max_inflight
+        self.caps = caps if caps is not None and caps.enabled else None
+
+    def reconfigure(self, **changes: object) -> None:
+        """Swap options the relay takes live (LIVE_OPTIONS); requests from now on see them."""
+        unknown = set(changes) - self.LIVE_OPTIONS
+        if unknown:
+            raise ValueError(f"not live options: {', '.join(sorted(unknown))} (a restart takes them)")
+        self._apply(replace(self.options, **changes))  # type: ignore[arg-type]
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        tls = self.options.server_ssl
+        self._server = await loop.create_server(
+            lambda: _ClientProtocol(self), host, port, reuse_address=True, ssl=tls,
+            ssl_handshake_timeout=(self.options.limits.preface_timeout_s or 60.0) if tls else None)
+        self.guard.start()
+        return self._server.sockets[0].getsockname()[1]
+
+    def connect_upstream(self, pair: _Pair) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect(pair))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, pair: _Pair) -> None:
+        loop = asyncio.get_running_loop()
+        opts = self.options
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _UpstreamProtocol(pair), opts.upstream_host, opts.upstream_port),
+                opts.connect_timeout_s)
+        except (TimeoutError, OSError) as exc:
+            if pair.closed:
+                return
+            reason = (f"tritonpilot: Triton at {opts.upstream_host}:{opts.upstream_port} is unreachable "
+                      f"({exc.__class__.__name__}: {exc})")
+            log.warning("http_relay.upstream_unreachable", reason=reason)
+            pair.upstream_connected(None, unreachable=reason)
+            return
+        if pair.closed:
+            transport.close()
+            return
+        _set_keepalive(transport, opts.tcp_keepalive_s)
+        pair.upstream_connected(transport)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting; open requests finish within grace_s, later ones get 503; then close."""
+        if self._server is not None:
+            self._server.close()
+        self.guard.stop()
+        for pair in list(self.pairs):
+            pair.goaway()
+        pending = [pair.done for pair in list(self.pairs)]
+        if pending:
+            try:
+                await asyncio.wait_for(asyncio.gather(*pending), grace_s)
+            except TimeoutError:
+                log.warning("http_relay.shutdown_grace_expired",
+                            open_requests=sum(p.core.open_requests for p in self.pairs))
+        for pair in list(self.pairs):
+            pair.close()
+        for task in list(self._tasks):
+            task.cancel()

@@ -156,14 +156,16 @@ def _as_unprivileged_user() -> list[str]:
 def test_serve_as_an_unprivileged_user_in_front_of_an_embedded_triton(installed: Installed) -> None:
     """What the container does (its image could not be built here: no engine), done the same way:
     the wheel's install, no root, configured by the environment, in front of a real Triton."""
-    listen, metrics = free_port(), free_port()
+    listen, http_listen, metrics = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env |= {"HOME": str(installed.home), "TRITONPILOT_LISTEN": f"127.0.0.1:{listen}",
+            "TRITONPILOT_HTTP_LISTEN": f"127.0.0.1:{http_listen}",
             "TRITONPILOT_METRICS_LISTEN": f"127.0.0.1:{metrics}", "TRITONPILOT_LOG_FORMAT": "json"}
     log_path = installed.home / "serve.log"
     with EmbeddedTriton(REPO_ROOT / "deploy" / "demo_models", load_models=["fast"],
                         log_path=installed.home / "triton.log") as triton:
         env["TRITONPILOT_TRITON"] = triton.grpc_url
+        env["TRITONPILOT_TRITON_HTTP"] = f"127.0.0.1:{triton.http_port}"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen([*_as_unprivileged_user(), installed.tritonpilot, "serve"], env=env,
                                     cwd=installed.home, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -180,6 +182,9 @@ def test_serve_as_an_unprivileged_user_in_front_of_an_embedded_triton(installed:
             import tritonclient.grpc as grpcclient
             client = grpcclient.InferenceServerClient(f"127.0.0.1:{listen}")
             assert client.is_model_ready("fast")
+            # The HTTP/REST port too: its parser (httptools) comes with the wheel's dependencies.
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_listen}/v2/models/fast/ready", timeout=10) as reply:
+                assert reply.status == 200
             uid = int(Path(f"/proc/{proc.pid}/status").read_text().split("Uid:")[1].split()[0])
             assert uid == (65534 if os.geteuid() == 0 else os.geteuid())
         finally:

@@ -62,19 +62,22 @@ def run(args: argparse.Namespace) -> int:
     # The demo's Python-backend models ship in the wheel (the tests use them too).
     with resources.deploy_path(resources.DEMO_MODELS) as models, \
             EmbeddedTriton(models, load_models=[CONTROLLED, UNCONTROLLED], log_path=workdir / "triton.log") as triton:
-        listen, metrics = free_port(), free_port()
+        listen, http_listen, metrics = free_port(), free_port(), free_port()
         policy = workdir / "policy.yaml"
         policy.write_text(POLICY.format(triton=triton.grpc_url, listen=listen, metrics=metrics,
                                         model=CONTROLLED, down=8 if args.short else 15))
         with open(workdir / "sidecar.log", "w") as sidecar_log:
-            sidecar = subprocess.Popen([sys.executable, "-m", "tritonpilot", "serve", "--policy", str(policy)],
+            sidecar = subprocess.Popen([sys.executable, "-m", "tritonpilot", "serve", "--policy", str(policy),
+                                        "--http-listen", f"127.0.0.1:{http_listen}",
+                                        "--triton-http", f"127.0.0.1:{triton.http_port}"],
                                        stdout=sidecar_log, stderr=subprocess.STDOUT)
             try:
                 proxy_url = f"127.0.0.1:{listen}"
                 metrics_url = f"http://127.0.0.1:{metrics}"
                 _wait_http(f"{metrics_url}/readyz", 30)
-                print(f"Triton (embedded, CPU only) at {triton.grpc_url}; tritonpilot at {proxy_url}, "
-                      f"metrics and /status at {metrics_url}\n", flush=True)
+                print(f"Triton (embedded, CPU only) at {triton.grpc_url}; tritonpilot at {proxy_url} (gRPC) and "
+                      f"http://127.0.0.1:{http_listen} (HTTP/REST), metrics and /status at {metrics_url}\n",
+                      flush=True)
                 if not args.skip_proxy_bench:
                     asyncio.run(_proxy_bench(triton, proxy_url, sidecar.pid, args.short))
                 asyncio.run(_ramp(triton.grpc_url, proxy_url, metrics_url, args.short))

@@ -6,9 +6,13 @@ retry elsewhere, while one queued in Triton behind the backlog would only miss i
 deadline. The check costs a dict lookup per request, and nothing when no cap is set
 (the relay holds None then).
 
-ModelStreamInfer requests count in flight, so they take their share of the cap, but they
-are not refused yet: the relay forwards a stream's messages verbatim, and a message can
-only be kept from Triton by rewriting the stream's DATA frames.
+ModelStreamInfer requests count per request, as in-flight does: a request message past its
+model's cap is cut out of the stream (Triton never sees it; the client gets its flow-control
+window back) and answered on the stream with an error response carrying the same message,
+as Triton reports a failed request there. So that a message can be cut out, the stream's
+request DATA frames are taken whole and rewritten while a cap is set (grpc_core.py); with no
+cap they pass verbatim. The answer goes out once Triton's response has started (its headers:
+Triton sends them with its first response) or when Triton ends the stream.
 """
 
 from __future__ import annotations

@@ -181,6 +181,11 @@ class MessageScanner:
         self._compressed = False
         self._length = 0
 
+    @property
+    def at_boundary(self) -> bool:
+        """Between two messages: bytes written now would not land inside one."""
+        return self._left == 0 and self._head_want == 0 and not self._prefix
+
     def feed(self, data: memoryview | bytes) -> None:
         i, n = 0, len(data)
         while i < n:
@@ -207,6 +212,107 @@ class MessageScanner:
                     self.on_message(self._head, self._compressed, self._length)
             i += take
             self._left -= take
+
+
+class MessageGate:
+    """Follows gRPC message boundaries like MessageScanner, and keeps or drops each message
+    whole: its bytes are held until its head is in (HEAD_BYTES, or all of a shorter one),
+    then `decide(head, compressed, length)` says whether it passes (True) or not (False).
+
+    `feed(data)` returns (bytes that pass, in order; how many were dropped). Bytes of a
+    message still undecided are held (`held` of them) until a later feed, or `flush()`.
+    Every byte fed comes out once: passed, dropped, or flushed."""
+
+    __slots__ = ("decide", "_prefix", "_held", "_left", "_head_want", "_compressed", "_length", "_passing")
+
+    def __init__(self, decide: Callable[[bytes, bool, int], bool]) -> None:
+        self.decide = decide
+        self._prefix = b""          # the message's first 5 bytes, while they come in
+        self._held = bytearray()    # prefix + head of the undecided message
+        self._left = 0              # payload bytes of the current message still to come
+        self._head_want = 0         # head bytes still to come before the decision
+        self._compressed = False
+        self._length = 0
+        self._passing = True
+
+    @property
+    def held(self) -> int:
+        return len(self._prefix) + len(self._held)
+
+    def flush(self) -> bytes:
+        """The held bytes, released as they are (the gate is no longer asked about this
+        message: the rest of it passes)."""
+        out = self._prefix + bytes(self._held)
+        self._prefix = b""
+        self._held = bytearray()
+        if self._head_want:
+            self._head_want = 0
+            self._passing = True
+        return out
+
+    def _decided(self, kept: bytearray) -> int:
+        self._passing = bool(self.decide(bytes(self._held[5:]), self._compressed, self._length))
+        held, self._held = self._held, bytearray()
+        if self._passing:
+            kept += held
+            return 0
+        return len(held)
+
+    def feed(self, data: memoryview | bytes) -> tuple[bytes, int]:
+        kept = bytearray()
+        dropped = 0
+        i, n = 0, len(data)
+        while i < n:
+            if self._head_want:  # undecided: hold the head
+                take = min(self._head_want, n - i)
+                self._held += data[i:i + take]
+                i += take
+                self._left -= take
+                self._head_want -= take
+                if not self._head_want:
+                    dropped += self._decided(kept)
+                continue
+            if self._left:
+                take = min(self._left, n - i)
+                if self._passing:
+                    kept += data[i:i + take]
+                else:
+                    dropped += take
+                i += take
+                self._left -= take
+                continue
+            take = min(5 - len(self._prefix), n - i)
+            self._prefix += bytes(data[i:i + take])
+            i += take
+            if len(self._prefix) < 5:
+                break
+            self._compressed = self._prefix[0] == 1
+            self._length = self._left = int.from_bytes(self._prefix[1:5], "big")
+            self._held = bytearray(self._prefix)
+            self._prefix = b""
+            self._head_want = min(HEAD_BYTES, self._left)
+            if not self._head_want:
+                dropped += self._decided(kept)
+        return bytes(kept), dropped
+
+
+def stream_error_response(message: str, request_id: str) -> bytes:
+    """A ModelStreamInferResponse as Triton writes a request's error on a stream:
+    error_message (1), and infer_response (2) carrying only the request's id (3)."""
+    rid = request_id.encode()
+    infer = (b"\x1a" + _encode_varint(len(rid)) + rid) if rid else b""
+    text = message.encode()
+    return (b"\x0a" + _encode_varint(len(text)) + text
+            + b"\x12" + _encode_varint(len(infer)) + infer)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def grpc_status_headers(code: int, message: str) -> list[tuple[bytes, bytes]]:

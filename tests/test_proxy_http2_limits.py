@@ -23,8 +23,7 @@ from proxy_support import H2GrpcClient, fp32_inputs, scrape, wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tritonpilot.control.policy import ProxySection
-from tritonpilot.proxy.limits import UNLIMITED, FrameRate, Http2Limits
-from tritonpilot.proxy.relay import (
+from tritonpilot.proxy.grpc_core import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -38,6 +37,7 @@ from tritonpilot.proxy.relay import (
     _capped_setting,
     frame,
 )
+from tritonpilot.proxy.limits import UNLIMITED, FrameRate, Http2Limits
 from tritonpilot.sidecar.config import SidecarConfig
 from tritonpilot.tools.embedded import EmbeddedTriton
 

@@ -1,6 +1,8 @@
 """Load shedding: a per-model cap on requests in flight through the proxy. Past the cap a
 ModelInfer call gets RESOURCE_EXHAUSTED at once, naming the model and the cap, counts under
-that code, and never reaches Triton; the in-flight gauge never passes the cap."""
+that code, and never reaches Triton; a ModelStreamInfer request gets the same message as an
+error response on its stream, and never reaches Triton either; the in-flight gauge never
+passes the cap."""
 
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ def test_other_models_and_other_calls_are_not_capped(triton: EmbeddedTriton, sid
 
 def test_stream_requests_count_toward_the_cap_of_unary_calls(
         gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
-    """Streams are not capped themselves (their messages pass verbatim), but they are in flight."""
+    """Stream requests are in flight: they take their share of the cap unary calls see."""
     sidecar = sidecar_factory(gate_triton.grpc_url, max_inflight=2)
     stream = grpcclient.InferenceServerClient(sidecar.url)
     unary = grpcclient.InferenceServerClient(sidecar.url)
@@ -129,6 +131,84 @@ def test_stream_requests_count_toward_the_cap_of_unary_calls(
         assert [responses.get(timeout=60) for _ in range(2)] == [None, None]
     finally:
         stream.stop_stream()
+        stream.close()
+        unary.close()
+
+
+def stream_results(responses: queue.Queue, n: int) -> tuple[list[str], list[str]]:
+    """(ids answered OK, error messages) of the next n stream responses."""
+    ok: list[str] = []
+    errors: list[str] = []
+    for _ in range(n):
+        result, error = responses.get(timeout=60)
+        if error is None:
+            ok.append(result.get_response().id)
+        else:
+            errors.append(error.message())
+    return sorted(ok), errors
+
+
+@pytest.mark.parametrize(("cap", "extra"), [(1, 1), (2, 3)])
+def test_stream_requests_past_the_cap_are_answered_on_the_stream_and_never_reach_triton(
+        gate_triton: EmbeddedTriton, sidecar_factory, gates, cap: int, extra: int) -> None:
+    sidecar = sidecar_factory(gate_triton.grpc_url, max_inflight=cap)
+    client = grpcclient.InferenceServerClient(sidecar.url)
+    responses: queue.Queue = queue.Queue()
+    gate = gates.new()
+    before = triton_inferences(gate_triton, "gate")
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        for i in range(cap + extra):
+            client.async_stream_infer("gate", gate_inputs(gate, [float(i)]), request_id=str(i))
+        wait_until(lambda: shed_metric(sidecar, "gate") == extra, what=f"{extra} stream requests shed")
+        assert sidecar.inflight("gate") == cap
+        assert sidecar.model("gate").inflight_peak == cap  # the gauge never passed the cap
+        gates.open(gate)
+        ok, errors = stream_results(responses, cap + extra)
+        assert ok == sorted(str(i) for i in range(cap))
+        assert errors == [f"tritonpilot: model 'gate' has {cap} requests in flight, its cap "
+                          "(max_inflight); retry later or elsewhere"] * extra
+        wait_until(lambda: sidecar.inflight("gate") == 0, what="in flight back to 0")
+        assert sidecar.finished("gate") == {"OK": cap, "RESOURCE_EXHAUSTED": extra}
+        assert sidecar.model("gate").inflight_peak == cap
+        wait_until(lambda: triton_inferences(gate_triton, "gate") == before + cap,
+                   what="Triton's statistics to count the admitted requests")
+        # The stream goes on: below the cap, requests pass again (flow control held up).
+        client.async_stream_infer("gate", gate_inputs(None), request_id="after")
+        assert stream_results(responses, 1) == (["after"], [])
+        assert triton_inferences(gate_triton, "gate") == before + cap + 1
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_a_stream_whose_every_request_is_shed_still_gets_each_answer(
+        gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
+    """Triton never answers on this stream, so its response starts only when it ends; the
+    answers still reach the client, between Triton's headers and its status."""
+    sidecar = sidecar_factory(gate_triton.grpc_url, max_inflight=1)
+    unary = grpcclient.InferenceServerClient(sidecar.url)
+    stream = grpcclient.InferenceServerClient(sidecar.url)
+    held: queue.Queue = queue.Queue()
+    responses: queue.Queue = queue.Queue()
+    gate = gates.new()
+    before = triton_inferences(gate_triton, "gate")
+    try:
+        unary.async_infer("gate", gate_inputs(gate), callback=lambda result, error: held.put(error))
+        wait_until(lambda: sidecar.inflight("gate") == 1, what="the model's one slot taken")
+        stream.start_stream(callback=lambda result, error: responses.put((result, error)))
+        for i in range(3):
+            stream.async_stream_infer("gate", gate_inputs(gate, [float(i)]), request_id=str(i))
+        wait_until(lambda: shed_metric(sidecar, "gate") == 3, what="3 stream requests shed")
+        stream.stop_stream()  # half-close; Triton ends the stream
+        ok, errors = stream_results(responses, 3)
+        assert ok == [] and len(errors) == 3 and all("has 1 requests in flight" in e for e in errors)
+        gates.open(gate)
+        assert held.get(timeout=60) is None
+        wait_until(lambda: sidecar.inflight("gate") == 0, what="in flight back to 0")
+        assert sidecar.finished("gate") == {"OK": 1, "RESOURCE_EXHAUSTED": 3}
+        assert triton_inferences(gate_triton, "gate") == before + 1
+    finally:
         stream.close()
         unary.close()
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
 from tritonpilot.proxy import wire
-from tritonpilot.proxy.relay import _take_pending
+from tritonpilot.proxy.grpc_core import _take_pending
 
 
 def infer_request(model: str, request_id: str = "", tensor_bytes: int = 0) -> bytes:
@@ -139,6 +139,47 @@ def test_parsers_never_raise_on_garbage(data: bytes) -> None:
     wire.decompress_head(data, b"gzip")
     scanner = wire.MessageScanner(lambda head, compressed, length: None)
     scanner.feed(data)
+
+
+@given(sizes=st.lists(st.sampled_from([0, 1, 50, wire.HEAD_BYTES - 1, wire.HEAD_BYTES, 3000]), max_size=6),
+       verdicts=st.lists(st.booleans(), min_size=6, max_size=6), piece=st.integers(1, 2000),
+       cut_at_end=st.integers(0, 8))
+def test_gate_keeps_and_drops_whole_messages_in_any_pieces(sizes: list[int], verdicts: list[bool], piece: int,
+                                                          cut_at_end: int) -> None:
+    messages = [infer_request(f"m{i}", str(i), tensor_bytes=size) if size else b"" for i, size in enumerate(sizes)]
+    framed = [b"\x00" + len(m).to_bytes(4, "big") + m for m in messages]
+    stream = b"".join(framed)
+    stream += b"\x00\x00\x00\x01\x00\x07"[:cut_at_end]  # a message cut off at the stream's end
+    seen: list[tuple[bytes, int]] = []
+
+    def decide(head: bytes, compressed: bool, length: int) -> bool:
+        seen.append((head, length))
+        return verdicts[len(seen) - 1]
+
+    gate = wire.MessageGate(decide)
+    kept, dropped = b"", 0
+    for i in range(0, len(stream), piece):
+        k, d = gate.feed(memoryview(stream)[i:i + piece])
+        kept, dropped = kept + k, dropped + d
+    assert seen == [(m[:wire.HEAD_BYTES], len(m)) for m in messages]
+    assert kept == b"".join(f for f, v in zip(framed, verdicts) if v)
+    assert dropped == sum(len(f) for f, v in zip(framed, verdicts) if not v)
+    assert gate.held == len(stream) - len(kept) - dropped  # only the cut-off message is held
+    assert gate.flush() == stream[len(b"".join(framed)):] and gate.held == 0
+
+
+def test_stream_error_response_is_what_triton_writes_for_a_failed_request() -> None:
+    parsed = service_pb2.ModelStreamInferResponse.FromString(wire.stream_error_response("busy ü", "r-1"))
+    assert parsed.error_message == "busy ü" and parsed.infer_response.id == "r-1"
+    assert parsed.HasField("infer_response")
+    assert wire.stream_response_info(wire.stream_error_response("x" * 300, "r")) == (None, "r", None, True)
+
+
+@given(st.binary(max_size=2000))
+def test_gate_never_raises_on_garbage(data: bytes) -> None:
+    gate = wire.MessageGate(lambda head, compressed, length: length % 2 == 0)
+    kept, dropped = gate.feed(data)
+    assert len(kept) + dropped + gate.held == len(data)
 
 
 def pending(*entries: tuple[str, str, float]) -> dict[str, deque[tuple[str, float]]]:

@@ -363,11 +363,12 @@ class HttpRelay:
             raise ValueError(f"not live options: {', '.join(sorted(unknown))} (a restart takes them)")
         self._apply(replace(self.options, **changes))  # type: ignore[arg-type]
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """reuse_port: share the port with other processes' listeners (serve --workers)."""
         loop = asyncio.get_running_loop()
         tls = self.options.server_ssl
         self._server = await loop.create_server(
-            lambda: _ClientProtocol(self), host, port, reuse_address=True, ssl=tls,
+            lambda: _ClientProtocol(self), host, port, reuse_address=True, reuse_port=reuse_port or None, ssl=tls,
             ssl_handshake_timeout=(self.options.limits.preface_timeout_s or 60.0) if tls else None)
         self.guard.start()
         return self._server.sockets[0].getsockname()[1]

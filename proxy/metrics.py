@@ -25,7 +25,7 @@ from prometheus_client.utils import floatToGoString
 
 from tritonpilot.proxy.gpu import GpuSampler, GpuSnapshot
 from tritonpilot.proxy.limits import ConnectionsSnapshot
-from tritonpilot.proxy.stats import LATENCY_BUCKETS_S, UNKNOWN_MODEL, ProxySnapshot, ProxyStats
+from tritonpilot.proxy.stats import LATENCY_BUCKETS_S, UNKNOWN_MODEL, ProxySnapshot, StatsSource
 
 # Prometheus label values may be empty, but an empty model label reads as "no label";
 # requests whose model could not be read are exported under this name instead.
@@ -51,7 +51,7 @@ def new_registry(collectors: Iterable[Collector]) -> CollectorRegistry:
 class ProxyCollector(Collector):
     """tritonpilot_* series for in-flight requests, request counts, latency and GPUs."""
 
-    def __init__(self, stats: ProxyStats, gpu_sampler: GpuSampler,
+    def __init__(self, stats: StatsSource, gpu_sampler: GpuSampler,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._stats = stats
         self._gpu_sampler = gpu_sampler

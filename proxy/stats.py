@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # Upper bounds in seconds, Prometheus-style (+Inf is implied as the last bucket).
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -225,6 +226,13 @@ def _summed(model: str, load: _Load, parts: list[ModelSnapshot]) -> ModelSnapsho
     )
 
 
+class StatsSource(Protocol):
+    """What readers (the controller, /metrics) need: ProxyStats in one process, or
+    shared_stats.SharedStatsReader summing the relay workers' counters."""
+
+    def snapshot(self, now_s: float, reset_peaks: bool = False) -> ProxySnapshot: ...
+
+
 class ProxyStats:
     """All models' live counters. The relays ask `model(name, now_s, protocol)` once per request."""
 
@@ -242,8 +250,12 @@ class ProxyStats:
                 load = self._loads.get(name)
                 if load is None:
                     load = self._loads[name] = _Load(now_s)
-                stats = self._models[(name, protocol)] = ModelStats(name, now_s, protocol, load)
+                stats = self._models[(name, protocol)] = self._new_model(name, now_s, protocol, load)
         return stats
+
+    def _new_model(self, name: str, now_s: float, protocol: str, load: _Load) -> ModelStats:
+        """A new pair's counters; shared_stats.py's worker stats also publish them."""
+        return ModelStats(name, now_s, protocol, load)
 
     def snapshot(self, now_s: float, reset_peaks: bool = False) -> ProxySnapshot:
         """A consistent copy of every model's counters. One reader (the controller) should own

@@ -46,7 +46,7 @@ def test_every_option_has_its_environment_variable_in_help(capsys: pytest.Captur
         cli.main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     dests = [a.dest for a in serve.option_parser()._actions]
-    assert len(dests) == 34
+    assert len(dests) == 35
     for dest in dests:
         assert f"env {serve.env_name(dest)}" in text, dest
     assert "Precedence: option > environment > policy file > default." in text
@@ -73,6 +73,13 @@ def test_no_proxy_from_the_flag_or_the_environment() -> None:
     assert _resolve(("--no-proxy",), {}).proxy_enabled is False
     assert _resolve((), {"TRITONPILOT_NO_PROXY": "true"}).proxy_enabled is False
     assert _resolve((), {"TRITONPILOT_NO_PROXY": "false"}).proxy_enabled is True
+
+
+def test_workers_from_the_flag_or_the_environment() -> None:
+    assert SidecarConfig().workers == 1 and _resolve((), {}).workers == 1
+    assert _resolve(("--workers", "3"), {}).workers == 3
+    assert _resolve((), {"TRITONPILOT_WORKERS": "2"}).workers == 2
+    assert _resolve(("--workers", "4"), {"TRITONPILOT_WORKERS": "2"}).workers == 4
 
 
 def test_the_http_port_options_from_flags_the_environment_or_off() -> None:
@@ -113,6 +120,8 @@ def test_a_flag_set_false_in_the_environment_overrides_the_policy(policy: Path) 
     ("TRITONPILOT_ALLOW_CLIENT_MODEL_CONTROL", "maybe", "expected true or false"),
     ("TRITONPILOT_LISTEN", "nowhere", "--listen: got 'nowhere'; expected HOST:PORT"),
     ("TRITONPILOT_MAX_MESSAGE_BYTES", "0", "--max-message-bytes: got 0; must be >= 1"),
+    ("TRITONPILOT_WORKERS", "0", "--workers: got 0; must be >= 1"),
+    ("TRITONPILOT_WORKERS", "two", "TRITONPILOT_WORKERS: got 'two'; expected a int"),
 ])
 def test_a_bad_environment_value_exits_2_naming_the_variable(
         name: str, value: str, message: str, capsys: pytest.CaptureFixture[str],

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tritonpilot.proxy.gpu import GpuSampler
-from tritonpilot.proxy.stats import ProxyStats
+from tritonpilot.proxy.limits import ConnectionLimits, Http2Limits
+from tritonpilot.proxy.stats import StatsSource
+from tritonpilot.proxy.tls import TlsFiles
 
 # --http-listen off: no HTTP/REST port.
 HTTP_OFF = "off"
@@ -66,6 +68,8 @@ class SidecarConfig:
     max_empty_frames_per_s: int | None = 100
     max_concurrent_streams: int | None = None
     gpu_interval_s: float = 1.0
+    # Relay processes sharing the client ports (sidecar/workers.py); 1: the relays run in this process.
+    workers: int = 1
     log_format: str = "console"
     log_level: str = "INFO"
 
@@ -79,6 +83,24 @@ class Controller(Protocol):
 
 
 # (stats, gpu sampler, registry) -> a controller, or None when there is nothing to control.
-ControllerFactory = Callable[[ProxyStats, GpuSampler, Any], Controller | None]
+ControllerFactory = Callable[[StatsSource, GpuSampler, Any], Controller | None]
+
+
+def connection_limits(config: SidecarConfig) -> ConnectionLimits:
+    return ConnectionLimits(max_connections=config.max_connections, preface_timeout_s=config.preface_timeout_s,
+                            idle_timeout_s=config.idle_timeout_s, max_connection_age_s=config.max_connection_age_s,
+                            max_connection_age_grace_s=config.max_connection_age_grace_s)
+
+
+def http2_limits(config: SidecarConfig) -> Http2Limits:
+    return Http2Limits(max_resets_per_s=config.max_resets_per_s, max_header_block_bytes=config.max_header_block_bytes,
+                       max_settings_per_s=config.max_settings_per_s, max_pings_per_s=config.max_pings_per_s,
+                       max_empty_frames_per_s=config.max_empty_frames_per_s,
+                       max_concurrent_streams=config.max_concurrent_streams)
+
+
+def tls_files(config: SidecarConfig) -> TlsFiles:
+    assert config.tls_cert is not None and config.tls_key is not None
+    return TlsFiles(cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca)
 
 

@@ -27,15 +27,23 @@ from tritonpilot import exits
 from tritonpilot.logs import configure_logging
 from tritonpilot.proxy.gpu import GpuSampler, NullGpuSampler, TritonMetricsGpuSource, make_gpu_sampler
 from tritonpilot.proxy.http import MetricsServer
-from tritonpilot.proxy.http_relay import HttpRelay, HttpRelayOptions
-from tritonpilot.proxy.limits import ConnectionLimits, Http2Limits
+from tritonpilot.proxy.http_relay import HttpRelay
+from tritonpilot.proxy.limits import ConnectionsSnapshot
 from tritonpilot.proxy.metrics import ConnectionCollector, ProxyCollector, new_registry
-from tritonpilot.proxy.relay import Relay, RelayOptions
+from tritonpilot.proxy.relay import Relay
 from tritonpilot.proxy.restrict import SYNTAX, RestrictionError, groups_text, parse_restrictions
-from tritonpilot.proxy.shedding import InflightCaps
-from tritonpilot.proxy.stats import ProxyStats
-from tritonpilot.proxy.tls import ALPN_HTTP1, ServerTls, TlsError, TlsFiles, server_context, upstream_context
-from tritonpilot.sidecar.config import HTTP_OFF, ControllerFactory, SidecarConfig, parse_host_port
+from tritonpilot.proxy.stats import ProxyStats, StatsSource
+from tritonpilot.proxy.tls import ServerTls, TlsError, server_context, upstream_context
+from tritonpilot.sidecar.config import (  # noqa: F401  (connection_limits, http2_limits: serve's names before)
+    HTTP_OFF,
+    ControllerFactory,
+    SidecarConfig,
+    connection_limits,
+    http2_limits,
+    parse_host_port,
+    tls_files,
+)
+from tritonpilot.sidecar.workers import RelaySet, WorkerPool
 
 if TYPE_CHECKING:
     from tritonpilot.control.record import RecordWriter
@@ -53,44 +61,29 @@ class Sidecar:
     def __init__(self, config: SidecarConfig, controller_factory: ControllerFactory | None = None,
                  policy_source: ReloadSource | None = None) -> None:
         self.config = config
-        self.stats = ProxyStats()
-        host, port = parse_host_port(config.triton, "--triton")
-        # Raises TlsError (naming the option) for files that can't be used: run() checks first.
-        self.tls = ServerTls(tls_files(config)) if config.tls_cert else None
-        upstream_ssl = upstream_context(config.triton_tls_ca) if config.triton_tls_ca else None
-        self.relay = Relay(RelayOptions(
-            upstream_host=host, upstream_port=port,
-            allow_client_model_control=config.allow_client_model_control,
-            max_message_bytes=config.max_message_bytes,
-            connect_timeout_s=config.connect_timeout_s,
-            tcp_keepalive_s=config.tcp_keepalive_s,
-            limits=connection_limits(config),
-            http2=http2_limits(config),
-            server_ssl=self.tls.listener if self.tls else None,
-            upstream_ssl=upstream_ssl,
-            restricted_protocols=parse_restrictions(config.restricted_protocols),
-            max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight))), self.stats)
-        # The HTTP/REST port: the same front door, its own listener and connection guard.
-        self.http_tls = ServerTls(tls_files(config), alpn=(ALPN_HTTP1,)) if config.tls_cert else None
+        # --workers N: relay processes share the client ports and count in shared memory;
+        # this process keeps the controller, metrics and reloads. 1: the relays run here.
+        self.pool: WorkerPool | None = None
+        self.relays: RelaySet | None = None
+        self.stats: StatsSource
+        self.tls: ServerTls | None = None
+        self.http_tls: ServerTls | None = None
+        self.relay: Relay | None = None
         self.http_relay: HttpRelay | None = None
-        if config.proxy_enabled and config.http_listen != HTTP_OFF:
-            hhost, hport = parse_host_port(config.triton_http, "--triton-http")
-            self.http_relay = HttpRelay(HttpRelayOptions(
-                upstream_host=hhost, upstream_port=hport,
-                allow_client_model_control=config.allow_client_model_control,
-                max_message_bytes=config.max_message_bytes,
-                connect_timeout_s=config.connect_timeout_s,
-                tcp_keepalive_s=config.tcp_keepalive_s,
-                limits=connection_limits(config),
-                max_head_bytes=config.max_header_block_bytes or (1 << 30),
-                server_ssl=self.http_tls.listener if self.http_tls else None,
-                restricted_apis=parse_restrictions(config.http_restricted_apis),
-                max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight))), self.stats)
+        connections: Callable[[], ConnectionsSnapshot]
+        if config.workers > 1 and config.proxy_enabled:
+            self.pool = WorkerPool(config, config.workers)
+            self.stats, connections = self.pool.reader, self.pool.connections
+        else:
+            self.stats = local_stats = ProxyStats()
+            self.relays = relays = RelaySet(config, local_stats)
+            self.tls, self.relay = relays.tls, relays.relay
+            self.http_tls, self.http_relay = relays.http_tls, relays.http_relay
+            connections = relays.connections
         self.gpu: GpuSampler = make_gpu_sampler(config.gpu_interval_s, log)
         if isinstance(self.gpu, NullGpuSampler) and config.triton_metrics_url:
             self.gpu = TritonMetricsGpuSource(config.triton_metrics_url, interval_s=config.gpu_interval_s)
-        guards = [self.relay.guard.snapshot] + ([self.http_relay.guard.snapshot] if self.http_relay else [])
-        collectors: list[Any] = [ProxyCollector(self.stats, self.gpu), ConnectionCollector(*guards)]
+        collectors: list[Any] = [ProxyCollector(self.stats, self.gpu), ConnectionCollector(connections)]
         self.registry = new_registry(collectors)
         self.controller = controller_factory(self.stats, self.gpu, self.registry) if controller_factory else None
         self.policy_source = policy_source
@@ -127,11 +120,15 @@ class Sidecar:
 
     async def start(self) -> None:
         host, port = parse_host_port(self.config.listen, "--listen")
-        if self.config.proxy_enabled:  # --no-proxy: controller and metrics only, no client listener
-            self.port = await self.relay.start(host, port)
-        if self.http_relay is not None:
-            hhost, hport = parse_host_port(self.config.http_listen, "--http-listen")
-            self.http_port = await self.http_relay.start(hhost, hport)
+        if self.pool is not None:
+            self.port, self.http_port = await self.pool.start()
+            self._tasks.append(asyncio.create_task(self.pool.poll(), name="workers-poll"))
+        elif self.relays is not None:
+            if self.config.proxy_enabled:  # --no-proxy: controller and metrics only, no client listener
+                self.port = await self.relays.relay.start(host, port)
+            if self.relays.http_relay is not None:
+                hhost, hport = parse_host_port(self.config.http_listen, "--http-listen")
+                self.http_port = await self.relays.http_relay.start(hhost, hport)
         await self.metrics.start()
         self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-sampler"))
         if self.controller is not None:
@@ -143,7 +140,7 @@ class Sidecar:
                  http_listen=f"{self.config.http_listen.rpartition(':')[0]}:{self.http_port}"
                  if self.http_port is not None else None, triton_http=self.config.triton_http,
                  metrics=f"{self.config.metrics_listen.rpartition(':')[0]}:{self.metrics.port}",
-                 controller=self.controller is not None)
+                 controller=self.controller is not None, workers=self.config.workers if self.pool else 1)
 
     async def shutdown(self) -> None:
         log.info("sidecar.stopping", grace_period_s=self.config.grace_period_s)
@@ -151,29 +148,33 @@ class Sidecar:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # Both ports drain side by side, within the one grace period.
-        drains = [self.relay.shutdown(self.config.grace_period_s)]
-        if self.http_relay is not None:
-            drains.append(self.http_relay.shutdown(self.config.grace_period_s))
-        await asyncio.gather(*drains)
+        if self.pool is not None:
+            await self.pool.shutdown(self.config.grace_period_s)
+        elif self.relays is not None:
+            await self.relays.shutdown(self.config.grace_period_s)
         self.gpu.close()
         await self.metrics.stop()
         await self._channel.close()
+        if self.pool is not None:
+            self.pool.close()
         log.info("sidecar.stopped")
 
     def reload_tls(self) -> None:
         """SIGHUP: new client connections use the certificate files as they are now; open ones
         keep theirs. Files that can't be used leave the previous certificate in place."""
-        if self.tls is None:
+        if not self.config.tls_cert:
             return
         try:
-            self.tls.reload()
-            if self.http_tls is not None:
-                self.http_tls.reload()
+            if self.relays is not None:
+                self.relays.reload_tls()
+            else:  # the workers reload theirs; read the files here first, to log a failure once
+                server_context(tls_files(self.config))
         except TlsError as exc:
             log.error("sidecar.tls_reload_failed", error=str(exc), kept="the previous certificate")
             return
-        log.info("sidecar.tls_reloaded", cert=self.tls.files.cert, client_ca=self.tls.files.client_ca)
+        if self.pool is not None:
+            self.pool.reload_tls()
+        log.info("sidecar.tls_reloaded", cert=self.config.tls_cert, client_ca=self.config.tls_client_ca)
 
     def on_sighup(self) -> None:
         """SIGHUP: re-read the TLS files (when TLS is on) and the policy (when there is one)."""
@@ -203,16 +204,10 @@ class Sidecar:
         from tritonpilot.sidecar.wiring import controller_factory_from_policy, replace_controller_policy
 
         config = new.config
-        self.relay.reconfigure(allow_client_model_control=config.allow_client_model_control,
-                               max_message_bytes=config.max_message_bytes,
-                               restricted_protocols=parse_restrictions(config.restricted_protocols),
-                               max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight)))
-        if self.http_relay is not None:
-            self.http_relay.reconfigure(allow_client_model_control=config.allow_client_model_control,
-                                        max_message_bytes=config.max_message_bytes,
-                                        restricted_apis=parse_restrictions(config.http_restricted_apis),
-                                        max_inflight=InflightCaps(config.max_inflight,
-                                                                  dict(config.model_max_inflight)))
+        if self.pool is not None:
+            self.pool.reconfigure(config)
+        elif self.relays is not None:
+            self.relays.reconfigure(config)
         self.config = config  # grace_period_s is read at shutdown
         if self.controller is not None:
             replace_controller_policy(self.controller, new.policy)  # type: ignore[arg-type]
@@ -235,7 +230,7 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        if self.tls is not None or self.reloader is not None:
+        if self.config.tls_cert or self.reloader is not None:
             loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
         await self.start()
         # A controller that dies is a bug worth stopping for, not a silent half-sidecar.
@@ -340,6 +335,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="calls open at once per client connection: the client is told min(Triton's, N), "
                              "streams past N get REFUSED_STREAM, which gRPC clients retry "
                              "(default: Triton's own; 0: off)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="relay processes sharing the client ports (SO_REUSEPORT), each on its own event loop; "
+                             "the controller and /metrics stay in the parent and sum their counts "
+                             f"(default {d.workers})")
     parser.add_argument("--record", metavar="FILE",
                         help="append every controller tick (each model's signals, decision and policy hash) to "
                              "FILE as JSON lines, for `tritonpilot replay` (default: no recording)")
@@ -401,7 +400,7 @@ _OPTION_FIELDS = ("triton", "triton_metrics_url", "listen", "http_listen", "trit
                   "tls_cert", "tls_key", "tls_client_ca", "triton_tls_ca", "max_connections", "preface_timeout_s",
                   "idle_timeout_s", "max_connection_age_s", "max_connection_age_grace_s", "max_resets_per_s",
                   "max_header_block_bytes", "max_settings_per_s", "max_pings_per_s", "max_empty_frames_per_s",
-                  "max_concurrent_streams")
+                  "max_concurrent_streams", "workers")
 
 
 def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarConfig:
@@ -434,6 +433,8 @@ def config_from_args(args: argparse.Namespace, base: SidecarConfig) -> SidecarCo
         parse_restrictions(config.http_restricted_apis)
     except RestrictionError as exc:
         raise ValueError(f"--http-restricted-api: {exc}") from None
+    if config.workers < 1:
+        raise ValueError(f"--workers: got {config.workers}; must be >= 1")
     if config.grace_period_s < 0:
         raise ValueError(f"--grace-period-s: got {config.grace_period_s:g}; must be >= 0")
     config = _connection_limits_checked(config)
@@ -475,24 +476,6 @@ def _connection_limits_checked(config: SidecarConfig) -> SidecarConfig:
     if config.max_connection_age_grace_s < 0:
         raise ValueError(f"--max-connection-age-grace-s: got {config.max_connection_age_grace_s:g}; must be >= 0")
     return replace(config, **off) if off else config
-
-
-def connection_limits(config: SidecarConfig) -> ConnectionLimits:
-    return ConnectionLimits(max_connections=config.max_connections, preface_timeout_s=config.preface_timeout_s,
-                            idle_timeout_s=config.idle_timeout_s, max_connection_age_s=config.max_connection_age_s,
-                            max_connection_age_grace_s=config.max_connection_age_grace_s)
-
-
-def http2_limits(config: SidecarConfig) -> Http2Limits:
-    return Http2Limits(max_resets_per_s=config.max_resets_per_s, max_header_block_bytes=config.max_header_block_bytes,
-                       max_settings_per_s=config.max_settings_per_s, max_pings_per_s=config.max_pings_per_s,
-                       max_empty_frames_per_s=config.max_empty_frames_per_s,
-                       max_concurrent_streams=config.max_concurrent_streams)
-
-
-def tls_files(config: SidecarConfig) -> TlsFiles:
-    assert config.tls_cert is not None and config.tls_key is not None
-    return TlsFiles(cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca)
 
 
 def _check_tls(config: SidecarConfig) -> None:

@@ -12,7 +12,9 @@ so HPACK state, flow control, deadlines (grpc-timeout), cancels (RST_STREAM), me
 trailers and compression pass through untouched. The core reads only:
 
 - request and response header blocks, with an HPACK decoder per direction kept in step with
-  the connection (it must see every block), for the method path and the grpc-status;
+  the connection (it must see every block; a block that leaves the table as it was is
+  remembered, and the same bytes again are not decoded again: _Direction.decode_block),
+  for the method path and the grpc-status;
 - the first bytes of inference request messages (the model name) and of ModelStreamInfer
   responses (`triton_final_response`);
 - stream ends, to end requests.
@@ -43,6 +45,7 @@ Garbage never raises out of the core: `client_data`/`upstream_data` return a `Vi
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +83,12 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x3
 H2_NO_ERROR, H2_CANCEL, H2_REFUSED_STREAM, H2_ENHANCE_YOUR_CALM = 0x0, 0x8, 0x7, 0xB
+# A frame's 9-byte head: length (24 bits, as 16 + 8), type, flags, stream id (R bit included).
+_FRAME_HEAD = struct.Struct(">HBBBL")
+# Decoded header blocks each direction remembers (_Direction.decode_block): how many, the
+# largest, the most fields. A gRPC call needs about three (request, response, trailers), each
+# a few bytes of indexed fields; the bounds keep a client's worst case under 50 KiB.
+_DECODED_BLOCKS, _DECODED_BLOCK_BYTES, _DECODED_BLOCK_FIELDS = 16, 128, 32
 # Every peer accepts frames this large (the least SETTINGS_MAX_FRAME_SIZE may be).
 MIN_MAX_FRAME_BYTES = 16384
 
@@ -215,7 +224,7 @@ class _Direction:
 
     __slots__ = ("name", "buf", "data_left", "data_scanner", "in_header_block", "block", "feeding",
                  "block_stream", "block_end_stream", "pending", "out", "decoder", "preface_left",
-                 "max_block_bytes", "empty_frames", "whole")
+                 "max_block_bytes", "empty_frames", "whole", "decoded")
 
     def __init__(self, name: str, preface_left: int) -> None:
         self.name = name
@@ -239,6 +248,42 @@ class _Direction:
         # Streams whose DATA frames are taken whole (not streamed through) to be rewritten or
         # followed frame by frame: gated requests (client side), answers waiting (Triton side).
         self.whole: set[int] = set()
+        # Header blocks that left the HPACK table as it was, decoded against the table as it
+        # is now (see decode_block).
+        self.decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
+
+    def decode_block(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The block's header list, with the decoder kept in step with the peer's encoder.
+
+        gRPC peers send near-identical blocks on every call, all indexed fields once the
+        table holds them: such a block leaves the table as it was, so decoding the same bytes
+        again gives the same list, until a block changes the table. Those are remembered; any
+        block that changes the table (an insertion always puts a new entry first, an eviction
+        or a size update changes the count or the size) empties the memory. The lists are
+        shared: the handlers only read them.
+        """
+        decoded = self.decoded.get(block)
+        if decoded is not None:
+            return decoded
+        table = self.decoder.header_table
+        entries = table.dynamic_entries
+        first, count, size = entries[0] if entries else None, len(entries), table.maxsize
+        # hpack annotates an Iterable (it returns a list): the handlers read the headers more than once.
+        headers: list[tuple[bytes, bytes]] = list(self.decoder.decode(block, raw=True))
+        if (entries[0] if entries else None) is first and len(entries) == count and table.maxsize == size:
+            if len(block) <= _DECODED_BLOCK_BYTES and len(headers) <= _DECODED_BLOCK_FIELDS:
+                if len(self.decoded) >= _DECODED_BLOCKS:
+                    self.decoded.clear()
+                self.decoded[block] = headers
+        elif self.decoded:
+            self.decoded.clear()
+        return headers
+
+    def allow_table_size(self, size: int) -> None:
+        """The peer's encoder may use up to `size` bytes (our side's SETTINGS): the next block
+        is decoded in full, so that hpack checks the size update it must carry."""
+        self.decoder.max_allowed_table_size = size
+        self.decoded.clear()
 
     @property
     def at_boundary(self) -> bool:
@@ -379,9 +424,9 @@ class GrpcConnection:
                 continue
             if n - pos < 9:
                 break
-            length = int.from_bytes(data[pos:pos + 3], "big")
-            ftype, flags = data[pos + 3], data[pos + 4]
-            stream_id = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            length_hi, length_lo, ftype, flags, stream_id = _FRAME_HEAD.unpack_from(data, pos)
+            length = length_hi << 8 | length_lo
+            stream_id &= 0x7FFFFFFF
             if ftype == DATA:
                 if not length and not flags & END_STREAM and d.empty_frames is not None:
                     _count(d.empty_frames, Http2Refusal.EMPTY_FRAMES, self._now_s)
@@ -455,7 +500,7 @@ class GrpcConnection:
             # The client's table size bounds what Triton's encoder may use on responses.
             size = _settings_value(payload, SETTINGS_HEADER_TABLE_SIZE)
             if size is not None:
-                self.u2c.decoder.max_allowed_table_size = size
+                self.u2c.allow_table_size(size)
             return True
         if ftype == WINDOW_UPDATE and (self.injected_data_credit if stream_id == 0 else self.stream_credit):
             return self._reclaim_credit(stream_id, payload)
@@ -659,7 +704,7 @@ class GrpcConnection:
         if ftype == SETTINGS and not flags & ACK:
             size = _settings_value(payload, SETTINGS_HEADER_TABLE_SIZE)
             if size is not None:
-                self.c2u.decoder.max_allowed_table_size = size
+                self.c2u.allow_table_size(size)
             limit = self.http2.max_concurrent_streams
             if limit is not None:  # the client hears min(Triton's, ours)
                 capped = _capped_setting(payload, SETTINGS_MAX_CONCURRENT_STREAMS, limit)
@@ -773,8 +818,7 @@ class GrpcConnection:
             _count(d.empty_frames, Http2Refusal.EMPTY_FRAMES, self._now_s)  # a block that grows by nothing
         if d.in_header_block:
             return True
-        # hpack annotates an Iterable (it returns a list): the handlers read the headers more than once.
-        headers: list[tuple[bytes, bytes]] = list(d.decoder.decode(d.block, raw=True))
+        headers = d.decode_block(d.block)
         d.block = b""
         on_block(stream_id, headers, d.block_end_stream)
         return True

@@ -37,6 +37,7 @@ response's last byte has passed, or the connection closed first.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 from collections import deque
@@ -67,6 +68,7 @@ _REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 413: "Payloa
             503: "Service Unavailable"}
 
 
+@functools.lru_cache(maxsize=256)  # pure; clients repeat a few paths (bounded: paths come from them)
 def route(path: str) -> tuple[str | None, str | None, str | None]:
     """(protocol group as Triton's restricted APIs name it, model, kind) of a request path.
     kind is the model route's last part ("infer", "config", "" for metadata), "load" or
@@ -482,21 +484,27 @@ class HttpExchanges:
                     # (measured), so it gets the next request once it has answered this one.
                     self._held += view[pos:]
                     return
-            before = len(side.buf)
-            side.buf += view[pos:]
-            end = _head_end(side.buf, self._scanned)
-            if end < 0:
-                if len(side.buf) > self.max_head_bytes:
-                    raise Malformed(f"request head larger than {self.max_head_bytes} bytes", 431)
-                self._scanned = len(side.buf)
-                if before < 1024:  # the start of a head that can't become one: 400 now (bounded work)
-                    check_partial_request_head(bytes(side.buf))
-                return
-            pos += end - before
-            raw = bytes(side.buf[:end])
-            side.buf = bytearray()
-            self._scanned = 0
-            if end > self.max_head_bytes:
+            if not side.buf and (end := data.find(b"\r\n\r\n", pos)) >= 0:
+                # The whole head is in this read: taken from it, without the buffer's copies.
+                end += 4
+                raw = data[pos:end]
+                pos = end
+            else:
+                before = len(side.buf)
+                side.buf += view[pos:]
+                end = _head_end(side.buf, self._scanned)
+                if end < 0:
+                    if len(side.buf) > self.max_head_bytes:
+                        raise Malformed(f"request head larger than {self.max_head_bytes} bytes", 431)
+                    self._scanned = len(side.buf)
+                    if before < 1024:  # the start of a head that can't become one: 400 now (bounded work)
+                        check_partial_request_head(bytes(side.buf))
+                    return
+                pos += end - before
+                raw = bytes(side.buf[:end])
+                side.buf = bytearray()
+                self._scanned = 0
+            if len(raw) > self.max_head_bytes:
                 raise Malformed(f"request head larger than {self.max_head_bytes} bytes", 431)
             self._request_head(raw, now_s)
 
@@ -584,19 +592,24 @@ class HttpExchanges:
             if not self.fifo or self.fifo[0].answer is not None:
                 raise Malformed("Triton sent a response no request waits for")
             exchange = self.fifo[0]
-            before = len(side.buf)
-            side.buf += view[pos:]
-            end = _head_end(side.buf, self._resp_scanned)
-            if end < 0:
-                if len(side.buf) > _MAX_RESPONSE_HEAD_BYTES:
-                    raise Malformed("response head too large")
-                self._resp_scanned = len(side.buf)
-                pos = n
-                break
-            pos += end - before
-            raw = bytes(side.buf[:end])
-            side.buf = bytearray()
-            self._resp_scanned = 0
+            if not side.buf and (end := data.find(b"\r\n\r\n", pos)) >= 0:
+                end += 4  # the whole head is in this read (as for requests)
+                raw = data[pos:end]
+                pos = end
+            else:
+                before = len(side.buf)
+                side.buf += view[pos:]
+                end = _head_end(side.buf, self._resp_scanned)
+                if end < 0:
+                    if len(side.buf) > _MAX_RESPONSE_HEAD_BYTES:
+                        raise Malformed("response head too large")
+                    self._resp_scanned = len(side.buf)
+                    pos = n
+                    break
+                pos += end - before
+                raw = bytes(side.buf[:end])
+                side.buf = bytearray()
+                self._resp_scanned = 0
             status, headers = parse_response_head(raw)
             if status == 101:  # Switching Protocols: from here on, bytes pass unread
                 self._out_client.append(data[start:])

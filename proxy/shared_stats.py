@@ -259,6 +259,7 @@ class SharedProxyStats(ProxyStats):
         super().__init__()
         self._table = table
         self._row = row
+        self._published: tuple[object, ...] | None = None  # _unchanged_key at the last publication
 
     def model(self, name: str, now_s: float, protocol: str = GRPC) -> ModelStats:
         stats = self._models.get((name, protocol))
@@ -274,9 +275,30 @@ class SharedProxyStats(ProxyStats):
             return self.model(UNKNOWN_MODEL, now_s, protocol)
         return SharedModelStats(name, now_s, protocol, load, self._table, self._row, slot)
 
-    def publish(self, now_s: float, connections: ConnectionsSnapshot | None = None) -> bool:
-        """Store this worker's totals into its row (peaks: the highest since the last publish)."""
-        return self._table.publish(self._row, encode(self.snapshot(now_s, reset_peaks=True), connections))
+    def publish(self, now_s: float, connections: ConnectionsSnapshot | None = None, force: bool = False) -> bool:
+        """Store this worker's totals into its row (peaks: the highest since the last publish).
+
+        Skipped (True) where nothing changed since the last publication: nothing in flight,
+        no request began or ended, the same connection counts. The row then says what a new
+        publication would: its integral has not grown, its peaks were read already, and the
+        reader extrapolates from its `now_s` with the live in-flight cells, zero."""
+        unchanged = self._unchanged_key(connections)
+        if not force and unchanged is not None and unchanged == self._published:
+            return True
+        published = self._table.publish(self._row, encode(self.snapshot(now_s, reset_peaks=True), connections))
+        # After the snapshot: its peaks were reset to what is in flight now.
+        self._published = self._unchanged_key(connections) if published else None
+        return published
+
+    def _unchanged_key(self, connections: ConnectionsSnapshot | None) -> tuple[object, ...] | None:
+        """What a publication depends on, as a value to compare; None while anything is in
+        flight (its integral grows) and so every publication counts."""
+        counts = []
+        for stats in self._models.values():
+            if stats.own.inflight or stats.own.peak:
+                return None
+            counts.append((stats.started, sum(stats.finished.values())))
+        return tuple(counts), connections
 
 
 def encode(snapshot: ProxySnapshot, connections: ConnectionsSnapshot | None) -> bytes:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
 from tritonpilot.proxy.grpc_core import (
+    CLIENT_TO_TRITON,
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -34,6 +35,7 @@ from tritonpilot.proxy.grpc_core import (
     GrpcConnection,
     GrpcRules,
     Violation,
+    _Direction,
     frame,
     literal_header_block,
 )
@@ -662,3 +664,53 @@ def test_end_stream_frames_pass_through() -> None:
         link.send(sid, b"", end=True)
     assert not link.violations and link.from_client(frame(RST_STREAM, 0, 99, b"\0\0\0\x08")) is None
     assert END_STREAM == 1
+
+
+# ---- HPACK: decoded blocks remembered (_Direction.decode_block) ------------------------------
+
+_HEADER_NAMES = st.sampled_from([b"x-a", b"x-b", b":path", b"grpc-status", b"content-type"])
+_HEADER_LISTS = st.lists(st.lists(st.tuples(_HEADER_NAMES, st.sampled_from([b"0", b"1", b"22", b"v" * 40])),
+                                  min_size=1, max_size=4), min_size=1, max_size=25)
+
+
+def _decoding_direction() -> _Direction:
+    return _Direction(CLIENT_TO_TRITON, 0)
+
+
+def test_the_same_bytes_decode_to_what_the_table_holds_now() -> None:
+    """0xbe is the first dynamic entry: x-a: 1, then x-a: 2 once that was inserted."""
+    d = _decoding_direction()
+    encoder = hpack.Encoder()
+    assert d.decode_block(encoder.encode([(b"x-a", b"1")])) == [(b"x-a", b"1")]  # inserted
+    assert encoder.encode([(b"x-a", b"1")]) == b"\xbe"
+    assert d.decode_block(b"\xbe") == [(b"x-a", b"1")]
+    assert d.decode_block(b"\xbe") == [(b"x-a", b"1")]  # remembered
+    assert b"\xbe" in d.decoded
+    d.decode_block(encoder.encode([(b"x-a", b"2")]))  # an insertion: the memory is emptied
+    assert not d.decoded
+    assert d.decode_block(b"\xbe") == [(b"x-a", b"2")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks=_HEADER_LISTS, table_size=st.sampled_from([0, 64, 128, 4096]))
+def test_remembered_blocks_decode_as_a_full_decoder_does(blocks: list[list[tuple[bytes, bytes]]],
+                                                         table_size: int) -> None:
+    """Whatever the encoder inserts, evicts or resizes, each block decodes as hpack's own
+    decoder, which decodes every block in full, says."""
+    encoder, reference, d = hpack.Encoder(), hpack.Decoder(), _decoding_direction()
+    encoder.header_table_size = table_size
+    for headers in blocks + blocks:  # again: the second pass hits the memory
+        block = encoder.encode(headers)
+        assert d.decode_block(block) == list(reference.decode(block, raw=True))
+
+
+def test_a_smaller_table_allowed_makes_the_next_block_checked_in_full() -> None:
+    d = _decoding_direction()
+    encoder = hpack.Encoder()
+    block = encoder.encode([(b"x-a", b"1")])
+    d.decode_block(block)
+    d.decode_block(encoder.encode([(b"x-a", b"1")]))
+    d.allow_table_size(0)  # the peer must now send a size update before using its table
+    assert not d.decoded
+    with pytest.raises(hpack.HPACKDecodingError):
+        d.decode_block(b"\xbe")

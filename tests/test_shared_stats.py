@@ -157,3 +157,38 @@ def test_a_cap_compares_the_models_in_flight_over_every_worker(table: SharedStat
     assert b.model("m", 0.0).inflight == 1
     SharedProxyStats(table, 0).model("x", 1.0).begin(1.0)  # the successor reuses a's slots for other names
     assert b.model("m", 1.0).inflight == 1
+
+
+def test_an_idle_worker_publishes_only_what_changed(table: SharedStatsTable) -> None:
+    a = SharedProxyStats(table, 0)
+    reader = SharedStatsReader(table)
+    idle = ConnectionsSnapshot(open=0, refused_total={}, goaway_total={})
+
+    def seq() -> int:
+        got = table.read_blob(0)
+        assert got is not None
+        return got[0]
+
+    a.publish(0.0, idle)
+    first = seq()
+    a.publish(0.25, idle)
+    assert seq() == first  # nothing changed: skipped
+    m = a.model("m", 0.25)
+    m.begin(0.3)
+    a.publish(0.5, idle)
+    in_flight = seq()
+    assert in_flight > first
+    a.publish(0.75, idle)
+    assert seq() > in_flight  # in flight: its integral grows, every tick publishes
+    m.end(0.8, 0, 0.5)
+    a.publish(1.0, idle)
+    ended = seq()
+    assert seq() > in_flight
+    a.publish(1.25, idle)
+    assert seq() == ended
+    a.publish(1.5, ConnectionsSnapshot(open=1, refused_total={}, goaway_total={}))
+    assert seq() > ended  # a connection opened
+    snap = reader.snapshot(10.0)
+    assert snap.models["m"].started_total == 1 and snap.models["m"].inflight_seconds == pytest.approx(0.5)
+    a.publish(1.75, ConnectionsSnapshot(open=1, refused_total={}, goaway_total={}), force=True)
+    assert reader.snapshot(10.0).models["m"].inflight_seconds == pytest.approx(0.5)

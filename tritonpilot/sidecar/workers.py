@@ -191,6 +191,7 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> None:
     conn.send(("ready", os.getpid()))
 
     async def publish() -> None:
+        # An idle worker skips publications that would say nothing new (SharedProxyStats.publish).
         while True:
             stats.publish(time.monotonic(), relays.connections())
             await asyncio.sleep(PUBLISH_PERIOD_S)
@@ -201,7 +202,7 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> None:
     await relays.shutdown(config.grace_period_s)
     publisher.cancel()
     await asyncio.gather(publisher, return_exceptions=True)
-    stats.publish(time.monotonic(), relays.connections())
+    stats.publish(time.monotonic(), relays.connections(), force=True)
     try:
         loop.remove_reader(conn.fileno())
     except (ValueError, OSError):

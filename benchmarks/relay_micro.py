@@ -1,0 +1,404 @@
+"""The relay cores' CPU per request, in process: recorded byte streams replayed through them.
+
+    python benchmarks/relay_micro.py [--calls 2000] [--rounds 7] [--profile grpc|http]
+    python benchmarks/relay_micro.py --against OLD/grpc_core.py   # or OLD/http_core.py: A/B
+    python benchmarks/relay_micro.py --idle-cpu [--rounds 3]
+    python benchmarks/relay_micro.py --syscalls [--rounds 3] [--strace]
+
+gRPC: the h2 library plays a gRPC client (the header fields grpc's C core sends) and Triton
+(response headers, one message, trailers) for `--calls` unary ModelInfer calls on the
+`fast` model, `--concurrency` of them open at a time as perf_analyzer keeps them; each
+socket read the relay would see is recorded once. A round replays them through a fresh
+`GrpcConnection` (client_data / upstream_data, what it writes cleared as the shell does).
+HTTP: the same for HTTP/1.1 keep-alive `POST /v2/models/fast/infer` (JSON body) through
+`HttpExchanges`. Reported: CPU µs per request (process time, so that other processes on a
+busy machine count less), the median of the rounds (and min, max).
+--against FILE: another version of grpc_core.py or http_core.py (a copy from before a
+change; which one is told by its file name, grpc_core*.py or http_core*.py), replayed
+in rounds interleaved with the current one, so that a noisy machine slows both alike.
+
+--idle-cpu: `tritonpilot serve --workers 2` in front of a closed port, no clients: the CPU
+(utime + stime from /proc) its whole process tree spends over 10 s, per round, after 5 s
+of start-up.
+
+--syscalls: end to end, `tritonpilot serve --workers 1` between perf_analyzer (fast model,
+concurrency 4, as bash scripts/bench-peers runs it) and an embedded Triton: per request,
+the relay's read-like and write-like syscalls (/proc/PID/io syscr, syscw), its voluntary
+context switches (each one an event-loop sleep, so a wake-up after it) and its CPU, summed
+over its process tree and threads; with --strace, one more run under `strace -c -f` for
+the breakdown by syscall (strace slows the relay: more bytes wait per read there).
+
+This isolates the cores' CPU from sockets, the event loop and a noisy machine; what it
+leaves out (syscalls, wake-ups) is docs/relay-cost.md's strace section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib.util
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+from tritonclient.grpc import service_pb2
+
+from tritonpilot.ports import free_port
+from tritonpilot.proxy.grpc_core import GrpcConnection, GrpcRules
+from tritonpilot.proxy.http_core import HttpExchanges, RequestHead
+from tritonpilot.proxy.ledger import Ledger
+from tritonpilot.proxy.stats import HTTP, ProxyStats
+from tritonpilot.proxy.wire import MODEL_INFER
+
+# What grpc's C core (perf_analyzer, tritonclient.grpc) sends on each call.
+_REQUEST_HEADERS = [(":method", "POST"), (":scheme", "http"), (":path", MODEL_INFER.decode()),
+                    (":authority", "127.0.0.1:8001"), ("te", "trailers"), ("content-type", "application/grpc"),
+                    ("user-agent", "grpc-c++/1.67.1 grpc-c/44.0.0 (linux; chttp2)"),
+                    ("grpc-accept-encoding", "identity, deflate, gzip")]
+_RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc"),
+                     ("grpc-accept-encoding", "identity, deflate, gzip")]
+_TRAILERS = [("grpc-status", "0")]
+
+Reads = list[tuple[bool, bytes]]  # (from the client?, the bytes of one socket read)
+
+
+def _grpc_message(payload: bytes) -> bytes:
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def record_grpc(calls: int, concurrency: int) -> Reads:
+    """The reads a relay sees for `calls` unary ModelInfer calls, `concurrency` open at a time:
+    each client read carries a call's HEADERS + DATA, each Triton read one call's response."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    request = _grpc_message(service_pb2.ModelInferRequest(
+        model_name="fast", inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+            name="INPUT0", datatype="FP32", shape=[1, 16])], raw_input_contents=[b"\x00" * 64]).SerializeToString())
+    response = _grpc_message(service_pb2.ModelInferResponse(
+        model_name="fast", model_version="1", outputs=[service_pb2.ModelInferResponse.InferOutputTensor(
+            name="OUTPUT0", datatype="FP32", shape=[1, 16])], raw_output_contents=[b"\x00" * 64]).SerializeToString())
+    reads: Reads = []
+
+    def client_sends() -> None:
+        data = client.data_to_send()
+        if data:
+            reads.append((True, data))
+            for event in server.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    waiting.append(event.stream_id)
+
+    def server_sends() -> None:
+        data = server.data_to_send()
+        if data:
+            reads.append((False, data))
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        more = client.data_to_send()  # ACKs, window updates: in the client's next read
+        if more:
+            reads.append((True, more))
+            server.receive_data(more)
+
+    waiting: list[int] = []
+    client.initiate_connection()
+    client_sends()
+    server.initiate_connection()
+    server_sends()
+    sent = answered = 0
+    while answered < calls:
+        while sent < calls and sent - answered < concurrency:
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, _REQUEST_HEADERS)
+            client.send_data(sid, request, end_stream=True)
+            client_sends()
+            sent += 1
+        sid = waiting.pop(0)
+        server.send_headers(sid, _RESPONSE_HEADERS)
+        server.send_data(sid, response)
+        server.send_headers(sid, _TRAILERS, end_stream=True)
+        server.acknowledge_received_data(len(request), sid)
+        server_sends()
+        answered += 1
+    return reads
+
+
+def replay_grpc(reads: Reads, connection: type[GrpcConnection] = GrpcConnection) -> ProxyStats:
+    stats = ProxyStats()
+    conn = connection(GrpcRules(), Ledger(stats), 0.0)
+    to_upstream, to_client = conn.to_upstream, conn.to_client
+    client_data, upstream_data = conn.client_data, conn.upstream_data
+    now = 0.0
+    for from_client, data in reads:
+        now += 1e-5
+        if from_client:
+            violation = client_data(data, now)
+        else:
+            violation = upstream_data(data, now)
+        if violation is not None:
+            raise RuntimeError(violation)
+        to_upstream.clear()
+        to_client.clear()
+    return stats
+
+
+def record_http(calls: int) -> Reads:
+    body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
+                                   "data": [0.0] * 16}]}).encode()
+    request = (b"POST /v2/models/fast/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+               b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = json.dumps({"model_name": "fast", "model_version": "1", "outputs": [
+        {"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 16], "data": [0.0] * 16}]}).encode()
+    response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(answer)).encode() + b"\r\n\r\n" + answer)
+    reads: Reads = []
+    for _ in range(calls):
+        reads += [(True, request), (False, response)]
+    return reads
+
+
+class _Gate:
+    """What http_relay's _Pair does for the core, minus the options: count in ProxyStats."""
+
+    def __init__(self, stats: ProxyStats) -> None:
+        self.stats = stats
+
+    def admit(self, head: RequestHead, now_s: float) -> None:
+        if head.counted:
+            assert head.model is not None
+            self.stats.model(head.model, now_s, HTTP)
+
+    def begin(self, head: RequestHead, now_s: float) -> object:
+        assert head.model is not None
+        stats = self.stats.model(head.model, now_s, HTTP)
+        stats.begin(now_s)
+        return stats
+
+    def end(self, token: object, status: int, now_s: float, duration_s: float | None) -> None:
+        token.end(now_s, status, duration_s)  # type: ignore[attr-defined]
+
+
+def replay_http(reads: Reads, exchanges: type[HttpExchanges] = HttpExchanges) -> ProxyStats:
+    stats = ProxyStats()
+    core = exchanges(_Gate(stats))
+    now = 0.0
+    for from_client, data in reads:
+        now += 1e-5
+        if from_client:
+            core.client_data(data, now)
+        else:
+            core.upstream_data(data, now)
+        core.take_upstream()
+        core.take_client()
+        if core.closed:
+            raise RuntimeError(core.abort_reason)
+    return stats
+
+
+def _finished(stats: ProxyStats) -> int:
+    return sum(sum(m.finished_total.values()) for m in stats.snapshot(0.0).models.values())
+
+
+def measure(name: str, reads: Reads, replay: Callable[[Reads], ProxyStats], calls: int, rounds: int) -> float:
+    if _finished(replay(reads)) != calls:  # a warm-up round that also checks the replay counts
+        raise RuntimeError(f"{name}: the replay did not count {calls} requests")
+    per_call_us = []
+    for _ in range(rounds):
+        start = time.process_time()
+        replay(reads)
+        per_call_us.append((time.process_time() - start) * 1e6 / calls)
+    median = statistics.median(per_call_us)
+    print(f"{name:5s} {median:7.1f} us/request  (median of {rounds}; min {min(per_call_us):.1f}, "
+          f"max {max(per_call_us):.1f}; {calls} calls, {len(reads)} reads)")
+    return median
+
+
+def against(path: str, reads: Reads, calls: int, rounds: int) -> None:
+    """The current core and the one in `path` (a grpc_core.py or an http_core.py), rounds
+    interleaved, their order alternating."""
+    http = Path(path).name.startswith("http_core")
+    spec = importlib.util.spec_from_file_location("relay_micro_against", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    new: Callable[[Reads], ProxyStats]
+    if http:
+        new, old = replay_http, (lambda r: replay_http(r, module.HttpExchanges))
+    else:
+        new, old = replay_grpc, (lambda r: replay_grpc(r, module.GrpcConnection))
+    for replay in (new, old):
+        if _finished(replay(reads)) != calls:
+            raise RuntimeError(f"{path}: the replay did not count {calls} requests")
+    times: dict[str, list[float]] = {"new": [], "old": []}
+    for i in range(rounds):
+        order = [("new", new), ("old", old)]
+        for name, replay in order if i % 2 == 0 else order[::-1]:
+            start = time.process_time()
+            replay(reads)
+            times[name].append((time.process_time() - start) * 1e6 / calls)
+    after, before = statistics.median(times["new"]), statistics.median(times["old"])
+    name = "http" if http else "grpc"
+    print(f"{name}  old {before:.1f} -> new {after:.1f} us/request ({(after - before) / before:+.0%}; "
+          f"medians of {rounds} interleaved rounds, {calls} calls; old: {path})")
+
+
+def _tree(root: int) -> dict[int, float]:
+    """`root` and its descendants: each one's utime + stime, in seconds."""
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: ppid
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        out[pid] = cpu.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return out
+
+
+def _tree_cpu_s(root: int) -> float:
+    return sum(_tree(root).values())
+
+
+def idle_cpu(rounds: int, window_s: float = 10.0) -> None:
+    closed = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "tritonpilot", "serve", "--workers", "2", "--triton", f"127.0.0.1:{closed}",
+         "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{free_port()}",
+         "--metrics-listen", f"127.0.0.1:{free_port()}", "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(5.0)
+        per_s = []
+        for _ in range(rounds):
+            before = _tree_cpu_s(serve.pid)
+            time.sleep(window_s)
+            per_s.append((_tree_cpu_s(serve.pid) - before) / window_s * 1e3)
+        print(f"idle  {statistics.median(per_s):.1f} ms CPU/s  (median of {rounds} windows of {window_s:.0f} s: "
+              + ", ".join(f"{x:.1f}" for x in per_s) + ")")
+    finally:
+        serve.terminate()
+        serve.wait(30)
+
+
+def _tree_counters(root: int) -> dict[str, float]:
+    """syscr, syscw, voluntary switches and CPU seconds of `root`, its descendants and their threads."""
+    tree = _tree(root)
+    pids = list(tree)
+    out = {"syscr": 0.0, "syscw": 0.0, "switches": 0.0, "cpu_s": sum(tree.values())}
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("syscr", "syscw"):
+                    out[key] += int(value)
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        out["switches"] += int(line.split()[1])
+        except OSError:
+            continue
+    return out
+
+
+def syscalls(rounds: int, with_strace: bool) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import tempfile
+    from contextlib import ExitStack
+
+    import peers  # benchmarks/peers.py: perf_analyzer and the peers' start-up
+
+    from tritonpilot.tools.embedded import EmbeddedTriton
+
+    pa, env = peers.perf_analyzer()
+    work = Path(tempfile.mkdtemp(prefix="tritonpilot-relay-micro-"))
+    with ExitStack() as stack:
+        triton = stack.enter_context(EmbeddedTriton(peers.ROOT / "deploy" / "demo_models", load_models=["fast"],
+                                                    log_path=work / "triton.log"))
+        relay = peers.start_peers(stack, work, triton, [1], {"tritonpilot"})[0][1]
+        assert relay.root_pid is not None
+        for protocol in ("grpc", "http"):
+            url = relay.grpc if protocol == "grpc" else relay.http
+            rows = []
+            for r in range(rounds):
+                n0, c0 = peers.model_count(triton.http_url, "fast"), _tree_counters(relay.root_pid)
+                peers.run_pa(pa, env, work, f"{protocol}-{r}", "fast", protocol, url, 4, 2000)
+                n = peers.model_count(triton.http_url, "fast") - n0
+                c1 = _tree_counters(relay.root_pid)
+                rows.append({k: (c1[k] - c0[k]) / n for k in c0})
+            med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+            print(f"{protocol:4s} per request: {med['syscr']:.2f} read-like + {med['syscw']:.2f} write-like syscalls, "
+                  f"{med['switches']:.2f} loop sleeps (voluntary switches), {med['cpu_s'] * 1e6:.0f} us CPU "
+                  f"(medians of {rounds} perf_analyzer runs)")
+            if with_strace:
+                out = work / f"strace-{protocol}.txt"
+                tracer = subprocess.Popen(["strace", "-c", "-f", "-qq", "-o", str(out)]
+                                          + [a for p in _tree(relay.root_pid) for a in ("-p", str(p))])
+                time.sleep(1.0)
+                n0 = peers.model_count(triton.http_url, "fast")
+                peers.run_pa(pa, env, work, f"{protocol}-strace", "fast", protocol, url, 4, 2000)
+                n = peers.model_count(triton.http_url, "fast") - n0
+                tracer.terminate()
+                tracer.wait(30)
+                print(f"{protocol:4s} under strace -c -f, per request ({n} requests):")
+                for line in out.read_text().splitlines():
+                    fields = line.split()
+                    if len(fields) >= 5 and fields[3].isdigit():
+                        print(f"    {fields[-1]:16s} {int(fields[3]) / n:6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--profile", choices=("grpc", "http"), help="cProfile one replay instead")
+    parser.add_argument("--against", metavar="FILE", help="A/B against another grpc_core.py or http_core.py")
+    parser.add_argument("--idle-cpu", action="store_true", help="serve --workers 2's CPU while idle instead")
+    parser.add_argument("--syscalls", action="store_true", help="syscalls and wake-ups per request, end to end")
+    parser.add_argument("--strace", action="store_true", help="with --syscalls: a breakdown under strace -c")
+    args = parser.parse_args()
+    if args.syscalls:
+        syscalls(args.rounds, args.strace)
+        return
+    if args.idle_cpu:
+        idle_cpu(args.rounds)
+        return
+    grpc_reads = record_grpc(args.calls, args.concurrency)
+    http_reads = record_http(args.calls)
+    if args.against:
+        http = Path(args.against).name.startswith("http_core")
+        against(args.against, http_reads if http else grpc_reads, args.calls, args.rounds)
+        return
+    if args.profile:
+        reads, replay = (grpc_reads, replay_grpc) if args.profile == "grpc" else (http_reads, replay_http)
+        profile = cProfile.Profile()
+        profile.runcall(replay, reads)
+        stats = pstats.Stats(profile).sort_stats("tottime")
+        print(f"{stats.total_calls / args.calls:.0f} Python calls per request")  # type: ignore[attr-defined]
+        stats.print_stats(20)
+        return
+    measure("grpc", grpc_reads, replay_grpc, args.calls, args.rounds)
+    measure("http", http_reads, replay_http, args.calls, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,13 @@ p95, failures, mean instances; then the issue's targets for the controller, met 
 `bash scripts/bench-controller` writes the "Controller" section of docs/benchmarks.md
 (only the block between its markers) and, as JSON beside it, the per-phase figures and
 Triton's config as a timeline of its changes (not every 0.5 s sample: that is ~200 KB).
+
+Issue 10's variants: `--preset example` (the example policy's defaults), `--verify on|off`,
+`--no-proxy` (the load to Triton's port, `serve --no-proxy`), `--record FILE` (for `tritonpilot
+replay`); the controller run also reports the step response (step -> the reload's start, the
+client's peak backlog, reconfigurations). `--scenario ceiling` (a CPU-burning model, closed loop,
+static 1..max and the controller) and `--scenario bad-profile` (a profile that slows `sleep` 4x)
+print their own block.
 """
 
 from __future__ import annotations
@@ -78,6 +85,12 @@ models:
 """
 
 
+PRESETS = ("bench", "example")
+ROUTE_PROXY = "through the sidecar's proxy"
+ROUTE_NO_PROXY = "straight to Triton's gRPC port, no request through the proxy (the sidecar runs `--no-proxy`)"
+VERIFY_CHOICES = ("default", "on", "off")
+
+
 @dataclass(frozen=True)
 class Settings:
     low_rate_per_s: float = 20.0    # ~0.4 of one instance's ~50/s
@@ -90,6 +103,10 @@ class Settings:
     connections: int = 4
     timeout_s: float = 30.0
     modes: tuple[str, ...] = MODES
+    # "bench": POLICY_TEMPLATE; "example": deploy/policy.example.yaml's defaults (only `models` set).
+    preset: str = "bench"
+    verify: str = "default"         # verify.enabled as the policy's default, or forced on / off
+    no_proxy: bool = False          # the load straight to Triton's gRPC port; serve --no-proxy
 
     def phases(self) -> list[tuple[str, float, float]]:
         """(name, rate, seconds) in order."""
@@ -97,8 +114,20 @@ class Settings:
                 ("low again", self.low_rate_per_s, self.phase_s)]
 
     def policy_yaml(self) -> str:
-        return POLICY_TEMPLATE.format(max_instances=self.max_instances, target=self.target_inflight_per_instance,
-                                      model=MODEL)
+        if self.preset == "example":
+            text = f"models:\n  {MODEL}: {{}}\n"
+            if self.max_instances != 4:
+                text = f"defaults:\n  max_instances: {self.max_instances}\n" + text
+        else:
+            text = POLICY_TEMPLATE.format(max_instances=self.max_instances,
+                                          target=self.target_inflight_per_instance, model=MODEL)
+        if self.verify != "default":
+            enabled = "true" if self.verify == "on" else "false"
+            if "defaults:\n" in text:
+                text = text.replace("defaults:\n", f"defaults:\n  verify: {{enabled: {enabled}}}\n", 1)
+            else:
+                text = f"defaults:\n  verify: {{enabled: {enabled}}}\n" + text
+        return text
 
 
 # --------------------------------------------------------------------------- analysis (pure)
@@ -226,6 +255,58 @@ class RunReport:
     samples: list[ConfigSample]
     controller_decisions: list[dict[str, Any]] = field(default_factory=list)  # changes, from /status
     controller_reloads: dict[str, float] = field(default_factory=dict)       # tritonpilot_reloads_total
+    backlog_peaks: list[int] = field(default_factory=list)  # per phase: most requests the client had outstanding
+    verdicts: list[dict[str, Any]] = field(default_factory=list)  # verify's verdicts, from /status
+
+
+def step_to_change_s(run: RunReport, phase: PhaseReport) -> float | None:
+    """From a phase's step to the controller's first change decided in it (the reload's start)."""
+    return next((d["t_s"] - phase.start_s for d in run.controller_decisions
+                 if phase.start_s <= d["t_s"] < phase.end_s and d["reason"] != "profile-mismatch"), None)
+
+
+def step_lines(run: RunReport) -> list[str]:
+    """The step response (issue 10): step -> reload start, peak client backlog, reconfigurations."""
+    lines = ["| phase | step -> reload start s (target <= 1.5 at interval 1 s) | peak client backlog "
+             "(requests outstanding) | reconfigurations (target 1) |", "|---|---:|---:|---:|"]
+    for i, p in enumerate(run.phases):
+        to_change = step_to_change_s(run, p) if i > 0 else None
+        peak = run.backlog_peaks[i] if i < len(run.backlog_peaks) else None
+        lines.append(f"| {p.name} | {_f(to_change, 2)} | {peak if peak is not None else 'n/a'} | "
+                     f"{p.reconfigurations} |")
+    return lines
+
+
+class Backlog:
+    """Requests the client has sent and not had answered, over time: benchlib's callers, counted."""
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.events: list[tuple[float, int]] = []  # (perf_counter s, outstanding after the change)
+
+    def wrap(self, caller: Any) -> Any:
+        backlog = self
+
+        class Counted:
+            async def __call__(self) -> str | None:
+                backlog._move(+1)
+                try:
+                    return await caller()
+                finally:
+                    backlog._move(-1)
+
+            async def close(self) -> None:
+                await caller.close()
+
+        return Counted()
+
+    def _move(self, by: int) -> None:
+        self.outstanding += by
+        self.events.append((time.perf_counter(), self.outstanding))
+
+    def peak(self, a_s: float, b_s: float) -> int:
+        """The most outstanding at once in [a, b) (perf_counter seconds)."""
+        return max((n for t, n in self.events if a_s <= t < b_s), default=0)
 
 
 @dataclass(frozen=True)
@@ -308,7 +389,8 @@ def render_block(settings: Settings, runs: Mapping[str, RunReport], meta: Mappin
     phase_text = ", ".join(f"{name} {rate:g}/s for {seconds:g} s" for name, rate, seconds in settings.phases())
     lines += [
         f"Open-loop load with constant spacing (benchlib, {settings.connections} connections, "
-        f"{settings.timeout_s:g} s deadline) through the sidecar's proxy on the 20 ms `sleep` model "
+        f"{settings.timeout_s:g} s deadline) "
+        f"{ROUTE_NO_PROXY if settings.no_proxy else ROUTE_PROXY} on the 20 ms `sleep` model "
         f"(~50/s per instance): {phase_text}. Figures per phase leave out its first "
         f"{settings.transition_s:g} s. Each run has a fresh Triton; instances are Triton's own ModelConfig, "
         f"read every {settings.sample_interval_s:g} s. static-1 / static-max: the count set by a "
@@ -341,6 +423,12 @@ def render_block(settings: Settings, runs: Mapping[str, RunReport], meta: Mappin
         for t in targets:
             lines.append(f"| {t.what} | {t.measured} | {'n/a' if t.met is None else ('yes' if t.met else '**no**')} |")
     controller = runs.get("controller")
+    if controller is not None and controller.backlog_peaks:
+        lines += ["", "Step response of the controller run (issue 10; the step -> reload start is the controller's "
+                      "first change decided after the step):", ""] + step_lines(controller)
+    if controller is not None and controller.verdicts:
+        lines += ["", "Verify's verdicts: " + ", ".join(f"t={v['t_s']:.1f} s {v['verdict']}"
+                                                       for v in controller.verdicts) + "."]
     if controller is not None and controller.controller_decisions:
         lines += ["", "The controller's changes (its /status; t from the load's start):", ""]
         for d in controller.controller_decisions:
@@ -393,15 +481,17 @@ def machine() -> str:
 class SidecarProcess:
     """`tritonpilot serve` on free ports, JSON logs to a file."""
 
-    def __init__(self, triton_url: str, log_path: Path, policy: Path | None) -> None:
+    def __init__(self, triton_url: str, log_path: Path, policy: Path | None, extra: Sequence[str] = ()) -> None:
         self.url = f"127.0.0.1:{free_port()}"
         metrics_port = free_port()
         self.metrics_url = f"http://127.0.0.1:{metrics_port}"
         self.log_path = log_path
         args = [sys.executable, "-m", "tritonpilot", "serve", "--triton", triton_url, "--listen", self.url,
-                "--metrics-listen", f"127.0.0.1:{metrics_port}", "--log-format", "json"]
+                "--metrics-listen", f"127.0.0.1:{metrics_port}", "--log-format", "json",
+                "--http-listen", "off"]  # gRPC only: the load is gRPC, and no fixed HTTP port to collide on
         if policy is not None:
             args += ["--policy", str(policy)]
+        args += list(extra)
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT)
@@ -440,15 +530,15 @@ class SidecarProcess:
                 self.proc.wait(10)
 
 
-async def set_static(url: str, instances: int) -> None:
+async def set_static(url: str, instances: int, model: str = MODEL) -> None:
     """A config-override load with `instances` and that count's built-in profile, verified."""
     profile = next(p for p in BUILTIN_PROFILES if p.holds(instances))
     client = InferenceServerClient(url)
     try:
-        live = (await client.get_model_config(MODEL, as_json=True))["config"]
+        live = (await client.get_model_config(model, as_json=True))["config"]
         override = build_override(live, instances, profile.parameters, MANAGED_KEYS, read_state(live).generation + 1)
-        await client.load_model(MODEL, config=json.dumps(override), client_timeout=120)
-        config = (await client.get_model_config(MODEL, as_json=True))["config"]
+        await client.load_model(model, config=json.dumps(override), client_timeout=120)
+        config = (await client.get_model_config(model, as_json=True))["config"]
         if not matches(config, instances, profile.parameters, MANAGED_KEYS):
             raise RuntimeError(f"Triton's config does not show {instances} instances after the load: {config}")
     finally:
@@ -456,13 +546,13 @@ async def set_static(url: str, instances: int) -> None:
 
 
 async def sample_configs(url: str, t0: float, interval_s: float, out: list[ConfigSample],
-                         stop: asyncio.Event) -> None:
+                         stop: asyncio.Event, model: str = MODEL) -> None:
     client = InferenceServerClient(url)
     try:
         while not stop.is_set():
             at = time.perf_counter() - t0
             try:
-                config = (await client.get_model_config(MODEL, as_json=True, client_timeout=5))["config"]
+                config = (await client.get_model_config(model, as_json=True, client_timeout=5))["config"]
             except Exception:  # noqa: BLE001 - a missed read is a gap in the samples, not a guess
                 out.append(ConfigSample(at, None, None))
             else:
@@ -485,7 +575,24 @@ async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.25)
 
 
-async def run_one(mode: str, settings: Settings, workdir: Path, log: Any, debug_logs: bool = False) -> RunReport:
+async def poll_decisions(sidecar: SidecarProcess, seen: dict[float, dict[str, Any]], stop: asyncio.Event,
+                         model: str = MODEL) -> None:
+    """Every decision /status shows while the load runs (it keeps only the last 20)."""
+    while not stop.is_set():
+        try:
+            status = await asyncio.to_thread(sidecar.status)
+        except (OSError, ValueError):
+            status = None
+        for d in (status or {}).get("models", {}).get(model, {}).get("decisions", []):
+            seen[d["now_s"]] = d
+        try:
+            await asyncio.wait_for(stop.wait(), 2.0)
+        except TimeoutError:
+            pass
+
+
+async def run_one(mode: str, settings: Settings, workdir: Path, log: Any, debug_logs: bool = False,
+                  record: Path | None = None) -> RunReport:
     from tritonpilot.tools.embedded import EmbeddedTriton
 
     triton = EmbeddedTriton(MODELS_DIR, load_models=[MODEL], log_path=workdir / f"triton-{mode}.log",
@@ -503,7 +610,10 @@ async def run_one(mode: str, settings: Settings, workdir: Path, log: Any, debug_
             # DEBUG: every tick's hold and its numbers in the sidecar's log (--keep-logs).
             policy.write_text(("logging: {level: DEBUG}\n" if debug_logs else "") + settings.policy_yaml())
             resolve(parse_policy(yaml.safe_load(settings.policy_yaml())))  # fail early if invalid
-        sidecar = SidecarProcess(triton.grpc_url, workdir / f"sidecar-{mode}.log", policy)
+        extra = ["--no-proxy"] if settings.no_proxy else []
+        if record is not None and policy is not None:
+            extra += ["--record", str(record)]
+        sidecar = SidecarProcess(triton.grpc_url, workdir / f"sidecar-{mode}.log", policy, extra)
         await sidecar.wait_serving()
         client = InferenceServerClient(triton.grpc_url)
 
@@ -521,11 +631,17 @@ async def run_one(mode: str, settings: Settings, workdir: Path, log: Any, debug_
             start_count = read_state((await client.get_model_config(MODEL, as_json=True))["config"]).instances
         finally:
             await client.close()
-        inputs = await benchlib.prepare_inputs(sidecar.url, MODEL, shapes={"INPUT0": (4,)})
+        load_url = triton.grpc_url if settings.no_proxy else sidecar.url
+        inputs = await benchlib.prepare_inputs(load_url, MODEL, shapes={"INPUT0": (4,)})
         samples: list[ConfigSample] = []
         stop = asyncio.Event()
         t0 = time.perf_counter()
         sampler = asyncio.create_task(sample_configs(triton.grpc_url, t0, settings.sample_interval_s, samples, stop))
+        seen: dict[float, dict[str, Any]] = {}  # the controller's decisions by now_s: /status keeps the last 20
+        poller = asyncio.create_task(poll_decisions(sidecar, seen, stop)) if policy is not None else None
+        backlog = Backlog()
+        make_callers = benchlib.make_callers
+        benchlib.make_callers = lambda *a, **k: [backlog.wrap(c) for c in make_callers(*a, **k)]  # type: ignore[assignment]
         print(f"[{mode}] load: " + ", ".join(f"{n} {r:g}/s x {s:g} s" for n, r, s in settings.phases()),
               file=log, flush=True)
         phases = [(rate, seconds) for _, rate, seconds in settings.phases()]
@@ -537,26 +653,36 @@ async def run_one(mode: str, settings: Settings, workdir: Path, log: Any, debug_
         try:
             # As benchlib.measure_rate_schedule, with each whole phase measured too.
             results = await benchlib.run_load(
-                sidecar.url, MODEL, benchlib.RateLoad((*phases, (0.0, 1.0)), settings.connections), inputs,
+                load_url, MODEL, benchlib.RateLoad((*phases, (0.0, 1.0)), settings.connections), inputs,
                 measured_windows + whole_windows, timeout_s=settings.timeout_s,
                 cpu_pids={"triton": triton.pid or 0, "sidecar": sidecar.proc.pid}, mode="phase",
                 levels=[rate for rate, _ in phases] * 2)
         finally:
+            benchlib.make_callers = make_callers  # type: ignore[assignment]
             stop.set()
             await sampler
-        decisions, reloads = [], {}
+            if poller is not None:
+                await poller
+        decisions, reloads, verdicts = [], {}, []
         if policy is not None:
             load_start_monotonic_s = _monotonic_at(t0)
-            decisions = [
-                {"t_s": d["now_s"] - load_start_monotonic_s, "action": d["action"],
-                 "reason": d["reason"], "current_instances": d["current_instances"],
-                 "decided_instances": d["decided_instances"], "profile": d["profile"],
-                 "inflight_mean": round(d["numbers"].get("inflight_mean", float("nan")), 2)}
-                for d in sidecar.status()["models"][MODEL]["decisions"]
-                if d["action"] in ("scale_up", "panic_up", "scale_down", "reprofile")]
+            for d in sidecar.status()["models"][MODEL]["decisions"]:
+                seen[d["now_s"]] = d
+            for d in sorted(seen.values(), key=lambda d: d["now_s"]):
+                t_s = d["now_s"] - load_start_monotonic_s
+                load = d["numbers"].get("load_inflight_mean", d["numbers"].get("inflight_mean", float("nan")))
+                if d["action"] in ("scale_up", "panic_up", "scale_down", "reprofile"):
+                    decisions.append({"t_s": t_s, "action": d["action"], "reason": d["reason"],
+                                      "current_instances": d["current_instances"],
+                                      "decided_instances": d["decided_instances"], "profile": d["profile"],
+                                      "inflight_mean": round(load, 2)})
+                for v in d.get("verdicts", []):
+                    verdicts.append({"t_s": t_s, "verdict": v, "decision": d["reason"]})
             reloads = _reload_counts(sidecar.get("/metrics")[1].decode())
+        bounds = [(t0 + a, t0 + b) for a, b in whole_windows]
         report = RunReport(mode, start_count, phase_reports(settings, results[:len(phases)], samples,
-                                                            results[len(phases):]), samples, decisions, reloads)
+                                                            results[len(phases):]), samples, decisions, reloads,
+                           [backlog.peak(a, b) for a, b in bounds], verdicts)
         for p in report.phases:
             print(f"[{mode}] {p.name}: offered {p.offered_per_s:.1f}/s served {p.served_per_s:.1f}/s "
                   f"p95 {_f(p.p95_ms, 1)} ms failures {p.failures} mean instances {_f(p.mean_instances, 2)} "
@@ -618,6 +744,245 @@ def write_results(settings: Settings, runs: Mapping[str, RunReport], meta: Mappi
     results_json.write_text(json.dumps(results_summary(settings, runs, meta), indent=1, default=str) + "\n")
 
 
+# --------------------------------------------------------------------------- ceiling and a bad profile (issue 10)
+
+# A model whose throughput stops growing with instances on this machine: each request burns
+# BURN_MS of CPU (thread time, so contention stretches it in wall time). On 2 cores, past two
+# busy instances nothing more is served.
+BURN_MODEL = "burn"
+BURN_CONFIG = """name: "burn"
+backend: "python"
+max_batch_size: 0
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]
+parameters [ { key: "BURN_MS", value { string_value: "%s" } } ]
+instance_group [ { kind: KIND_CPU, count: 1 } ]
+"""
+BURN_PY = """import json
+import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.burn_s = float(config["parameters"]["BURN_MS"]["string_value"]) / 1000.0
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            end = time.thread_time() + self.burn_s  # CPU time, not wall time: contention stretches it
+            while time.thread_time() < end:
+                pass
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+"""
+# The bad profile: the `sleep` model reads SLEEP_MS from its parameters, so a profile that sets it
+# to 80 makes each request 4x slower: two instances serve half of what one did.
+BAD_PROFILE_POLICY = """control:
+  interval_s: 1
+defaults:
+  max_instances: 2
+  profiles:
+    - name: single
+      instances: [1, 1]
+      parameters: {SLEEP_MS: "20"}
+    - name: slow
+      instances: [2, null]
+      parameters: {SLEEP_MS: "80"}
+models:
+  sleep: {}
+"""
+
+
+def burn_repository(root: Path, burn_ms: float) -> Path:
+    model = root / "models" / BURN_MODEL
+    (model / "1").mkdir(parents=True, exist_ok=True)
+    (model / "config.pbtxt").write_text(BURN_CONFIG % f"{burn_ms:g}")
+    (model / "1" / "model.py").write_text(BURN_PY)
+    return root / "models"
+
+
+@dataclass(frozen=True)
+class ClosedRun:
+    """One closed-loop run of a scenario: what the client got and what Triton ran."""
+
+    mode: str
+    seconds: float
+    transition_s: float
+    window_s: tuple[float, float]      # where throughput and p95 are measured
+    served_per_s: float
+    p95_ms: float | None
+    failures: int
+    mean_instances: float | None       # over the whole run after the transition
+    instance_seconds: float | None     # mean instances x that span
+    final_instances: int | None
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def run_closed(mode: str, model: str, models_dir: Path, seconds: float, window_s: tuple[float, float],
+                     concurrency: int, workdir: Path, policy_yaml: str | None, static: int | None,
+                     transition_s: float, log: Any) -> ClosedRun:
+    """`concurrency` clients, each sending its next request when its last one is answered."""
+    from tritonpilot.tools.embedded import EmbeddedTriton
+
+    triton = EmbeddedTriton(models_dir, load_models=[model], log_path=workdir / f"triton-{mode}.log",
+                            startup_timeout_s=180.0)
+    triton.start()
+    sidecar = None
+    try:
+        policy = None
+        if static is not None:
+            await set_static(triton.grpc_url, static, model)
+        if policy_yaml is not None:
+            policy = workdir / f"policy-{mode}.yaml"
+            policy.write_text(policy_yaml)
+            resolve(parse_policy(yaml.safe_load(policy_yaml)))
+        sidecar = SidecarProcess(triton.grpc_url, workdir / f"sidecar-{mode}.log", policy)
+        await sidecar.wait_serving()
+        if policy is not None:
+            await wait_for(lambda: _settled(sidecar, model), 60.0, "the controller's first reprofile")
+        inputs = await benchlib.prepare_inputs(sidecar.url, model, shapes={"INPUT0": (4,)})
+        samples: list[ConfigSample] = []
+        stop = asyncio.Event()
+        t0 = time.perf_counter()
+        sampler = asyncio.create_task(sample_configs(triton.grpc_url, t0, 0.5, samples, stop, model))
+        seen: dict[float, dict[str, Any]] = {}
+        poller = asyncio.create_task(poll_decisions(sidecar, seen, stop, model)) if policy is not None else None
+        print(f"[{mode}] closed loop, {concurrency} clients for {seconds:g} s", file=log, flush=True)
+        try:
+            (result,) = await benchlib.run_load(sidecar.url, model, benchlib.ConcurrencyLoad(concurrency), inputs,
+                                                [window_s], timeout_s=30.0)
+            # run_load stops at the window's end: the run lasts until `seconds` only if the window ends there.
+        finally:
+            stop.set()
+            await sampler
+            if poller is not None:
+                await poller
+        decisions, verdicts = [], []
+        if policy is not None:
+            start = _monotonic_at(t0)
+            for d in sidecar.status()["models"][model]["decisions"]:
+                seen[d["now_s"]] = d
+            for d in sorted(seen.values(), key=lambda d: d["now_s"]):
+                if d["action"] in ("scale_up", "panic_up", "scale_down", "reprofile"):
+                    decisions.append({"t_s": round(d["now_s"] - start, 1), "action": d["action"],
+                                      "reason": d["reason"],
+                                      "instances": f"{d['current_instances']} -> {d['decided_instances']}",
+                                      "profile": d["profile"]})
+                for v in d.get("verdicts", []):
+                    verdicts.append({"t_s": round(d["now_s"] - start, 1), "verdict": v,
+                                     "throughput_change_ratio": d["numbers"].get("verify_throughput_change_ratio"),
+                                     "latency_change_ratio": d["numbers"].get("verify_latency_change_ratio")})
+        mean = mean_instances(samples, transition_s, window_s[1])
+        known = [x for x in samples if x.instances is not None]
+        out = ClosedRun(mode=mode, seconds=seconds, transition_s=transition_s, window_s=window_s,
+                        served_per_s=result.served_per_s,
+                        p95_ms=_ms(result.p95_us), failures=result.error_count, mean_instances=mean,
+                        instance_seconds=mean * (window_s[1] - transition_s) if mean is not None else None,
+                        final_instances=known[-1].instances if known else None, decisions=decisions,
+                        verdicts=verdicts)
+        print(f"[{mode}] served {out.served_per_s:.1f}/s p95 {_f(out.p95_ms, 1)} ms mean instances "
+              f"{_f(out.mean_instances, 2)} final {out.final_instances}", file=log, flush=True)
+        return out
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
+        triton.stop()
+
+
+async def _settled(sidecar: SidecarProcess, model: str) -> bool:
+    status = sidecar.status()["models"][model]
+    return status["pending_reload"] is None and status["profile"] is not None
+
+
+def ceiling_targets(runs: Mapping[str, ClosedRun], max_instances: int) -> list[Target]:
+    """Issue 10: settle at or below the useful count, >= 0.95 of the best static throughput,
+    fewer instance-seconds than static-max."""
+    statics = {int(m.split("-")[1]): r for m, r in runs.items() if m.startswith("static-")}
+    c = runs.get("controller")
+    if c is None or not statics:
+        return []
+    best = max(r.served_per_s for r in statics.values())
+    useful = min(n for n, r in statics.items() if r.served_per_s >= 0.95 * best)
+    out = [Target(f"settles at or below the useful count ({useful}: the fewest static instances within 5 % of "
+                  f"the best static throughput)", f"final {c.final_instances}",
+                  c.final_instances is not None and c.final_instances <= useful),
+           Target(">= 0.95 of the best static count's throughput (controller: its last window)",
+                  f"{c.served_per_s:.1f}/s vs {best:.1f}/s ({c.served_per_s / best:.3f})",
+                  c.served_per_s >= 0.95 * best)]
+    smax = statics.get(max_instances)
+    if smax is not None and smax.mean_instances is not None and c.mean_instances is not None:
+        span_s = c.seconds - c.transition_s
+        mine, theirs = c.mean_instances * span_s, smax.mean_instances * span_s
+        out.append(Target(f"fewer instance-seconds than static-max (over the controller's {span_s:g} s)",
+                          f"{mine:.0f} vs {theirs:.0f}", mine < theirs))
+    return out
+
+
+def run_scenario(args: argparse.Namespace) -> int:
+    """--scenario ceiling | bad-profile: print a markdown block (and the raw figures as JSON)."""
+    scenario = args.scenario
+    seconds = args.phase_s if args.phase_s is not None else (90.0 if args.short else 180.0)
+    transition_s = args.transition_s if args.transition_s is not None else 10.0
+    meta = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+            "load_average_at_start": os.getloadavg(),
+            "command": "bash scripts/bench-controller " + " ".join(_reproducible_args(sys.argv[1:]))}
+
+    async def main() -> dict[str, ClosedRun]:
+        runs: dict[str, ClosedRun] = {}
+        with tempfile.TemporaryDirectory(prefix="tritonpilot-bench-scenario-") as tmp:
+            workdir = Path(tmp) if args.keep_logs is None else args.keep_logs
+            workdir.mkdir(parents=True, exist_ok=True)
+            if scenario == "ceiling":
+                models_dir = burn_repository(workdir, args.burn_ms)
+                static_s = min(seconds, 60.0)
+                for n in (range(1, args.max_instances + 1) if args.ceiling_statics is None
+                          else [int(x) for x in args.ceiling_statics.split(",") if x.strip()]):
+                    runs[f"static-{n}"] = await run_closed(
+                        f"static-{n}", BURN_MODEL, models_dir, static_s, (transition_s, static_s),
+                        args.concurrency, workdir, None, n, transition_s, sys.stderr)
+                policy = f"models:\n  {BURN_MODEL}: {{}}\n"
+                if args.max_instances != 4:
+                    policy = f"defaults:\n  max_instances: {args.max_instances}\n" + policy
+                runs["controller"] = await run_closed(
+                    "controller", BURN_MODEL, models_dir, seconds, (seconds - 60.0, seconds), args.concurrency,
+                    workdir, policy, None, transition_s, sys.stderr)
+            else:
+                runs["controller"] = await run_closed(
+                    "controller", MODEL, MODELS_DIR, seconds, (transition_s, seconds), args.concurrency, workdir,
+                    BAD_PROFILE_POLICY, None, transition_s, sys.stderr)
+        return runs
+
+    runs = asyncio.run(main())
+    meta["load_average_at_end"] = os.getloadavg()
+    lines = [f"Reproduce: `{meta['command']}`. Ran {meta['date']} on {meta['machine']}; load average at start "
+             f"{meta['load_average_at_start'][0]:.1f}, at end {meta['load_average_at_end'][0]:.1f}.", "",
+             "| run | served/s | p95 ms | failures | mean instances | final instances |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for mode, r in runs.items():
+        lines.append(f"| {mode} | {r.served_per_s:.1f} | {_f(r.p95_ms, 1)} | {r.failures} | "
+                     f"{_f(r.mean_instances, 2)} | {r.final_instances} |")
+    c = runs["controller"]
+    changes = "; ".join(f"t={d['t_s']} s {d['action']} {d['instances']} ({d['profile']}), {d['reason']}"
+                        for d in c.decisions)
+    verdicts = "; ".join(f"t={v['t_s']} s {v['verdict']} (throughput {_f(v['throughput_change_ratio'], 2)}, "
+                         f"latency {_f(v['latency_change_ratio'], 2)})" for v in c.verdicts)
+    lines += ["", f"Controller changes: {changes}.", f"Verdicts: {verdicts or 'none'}."]
+    if scenario == "ceiling":
+        targets = ceiling_targets(runs, args.max_instances)
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t.what} | {t.measured} | {'yes' if t.met else '**no**'} |" for t in targets]
+    print("\n".join(lines))
+    if args.scenario_json is not None:
+        args.scenario_json.write_text(json.dumps({"meta": meta, "runs": {m: asdict(r) for m, r in runs.items()}},
+                                                 indent=1, default=str) + "\n")
+    return 0
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -636,6 +1001,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the controller's target_inflight_per_instance "
                              f"(default {d.target_inflight_per_instance:g})")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--preset", choices=PRESETS, default=d.preset,
+                        help="the controller's policy: bench (the template above: interval 0.5 s, target 0.7, "
+                             "short delays) or example (deploy/policy.example.yaml's defaults: only `models` set)")
+    parser.add_argument("--verify", choices=VERIFY_CHOICES, default=d.verify,
+                        help="verify.enabled: the policy's default, or forced on or off")
+    parser.add_argument("--no-proxy", action="store_true",
+                        help="send the load to Triton's gRPC port directly; the sidecar runs with --no-proxy")
+    parser.add_argument("--scenario", choices=("phases", "ceiling", "bad-profile"), default="phases",
+                        help="phases: low -> high -> low, open loop (the default); ceiling: the CPU-burning "
+                             "`burn` model under a closed loop, static 1..max and the controller; bad-profile: "
+                             "`sleep` with a profile for 2+ instances that makes it 4x slower (both print only)")
+    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients (scenarios; default 8)")
+    parser.add_argument("--burn-ms", type=float, default=10.0, help="CPU per request of `burn` (default 10)")
+    parser.add_argument("--scenario-json", type=Path, metavar="FILE", help="a scenario's raw figures")
+    parser.add_argument("--ceiling-statics", metavar="N,N", help="ceiling: the static counts to run "
+                                                                 "(default 1..max; empty: none)")
+    parser.add_argument("--record", type=Path, metavar="FILE",
+                        help="the controller's sidecar records its ticks here (serve --record), for tritonpilot replay")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose Controller section is written")
     parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="raw figures")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing files")
@@ -654,10 +1037,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--transition-s {transition_s:g} leaves nothing of a {phase_s:g} s phase")
     return Settings(low_rate_per_s=args.low_rate, high_rate_per_s=args.high_rate, phase_s=phase_s,
                     transition_s=transition_s, max_instances=args.max_instances,
-                    target_inflight_per_instance=args.target_inflight, modes=modes)
+                    target_inflight_per_instance=args.target_inflight, modes=modes,
+                    preset=getattr(args, "preset", "bench"), verify=getattr(args, "verify", "default"),
+                    no_proxy=bool(getattr(args, "no_proxy", False)))
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "scenario", "phases") != "phases":
+        return run_scenario(args)
     settings = settings_from_args(args)
     started = time.monotonic()
     shown = _reproducible_args(sys.argv[1:])
@@ -674,7 +1061,8 @@ def run(args: argparse.Namespace) -> int:
                 workdir = args.keep_logs
                 workdir.mkdir(parents=True, exist_ok=True)
             for mode in settings.modes:
-                runs[mode] = await run_one(mode, settings, workdir, sys.stderr, debug_logs=args.keep_logs is not None)
+                runs[mode] = await run_one(mode, settings, workdir, sys.stderr, debug_logs=args.keep_logs is not None,
+                                           record=getattr(args, "record", None))
         return runs
 
     runs = asyncio.run(main())
@@ -698,7 +1086,7 @@ def _reproducible_args(argv: Sequence[str]) -> list[str]:
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--keep-logs", "--doc", "--json"):
+        if name in ("--keep-logs", "--doc", "--json", "--record", "--scenario-json"):
             skip = "=" not in arg
             continue
         if name == "--no-write":

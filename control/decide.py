@@ -32,6 +32,26 @@ How a decision is made (every threshold is a policy key, control/policy.py):
      for that load (in-flight that stays constant; in-flight that grows with
      queueing at the lower count flaps only if the queue adds more than the
      tolerance, with a period of at least scale_down_delay_s).
+2b. The offered load (Little's law on the arrivals, issue 10): with the proxy's arrival
+   rate (requests started per second) and a service time (Triton's compute_infer time per
+   request, the last one measured), `offered_ideal = arrival_rate x service_s / target`,
+   the instances the load needs before any queue builds. Without either, only in-flight counts.
+   - Step up: the loop marks the proxy's arrivals once more late in each interval
+     (control/loop.py), so a tick also knows the rate of its window's last part. When that
+     rate's need is >= panic_threshold_ratio x n (the same line as panic), the whole window's
+     need is above the band (a burst inside the last slice alone is no step), and the proxy has
+     more than n x target in flight right now (a burst that is already over is no step), the
+     decision is PANIC_UP "step" at once: no up delay, no panic window, so a step is met at
+     the first tick after it (the next one when it came too late in the window). The count
+     serves the new rate and drains, within max(cooldown_s, the last reload's duration), the
+     queue the step leaves: what is in flight now beyond that rate's need, plus
+     (rate - n / service_s) x the last reload's duration (what queues while the reload runs),
+     so the count after the step is reached in one move.
+   - Way down: the down condition holds only while the offered need is below n as well, and
+     each sample of the down streak contributes the offered need (a backlog that drains
+     keeps in-flight high for a while; the arrivals already show the new load), never below
+     the latest sample's in-flight need (a queue that lasts at this count is load). So a step
+     down is one move to the steady need.
 3. Delays, in elapsed seconds of `now_s` (not ticks): up once the up condition has
    held for `scale_up_delay_s`, down once the down condition has held for
    `scale_down_delay_s`. Panic: in-flight >= panic_threshold_ratio x (n x target)
@@ -42,12 +62,12 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    the current count is a REPROFILE at the same count.
 5. Gates, which turn a wanted change into BLOCKED (the clocks keep running):
    a reload pending -> "reload-pending"; a change still waiting for its verdict
-   (step 8) -> "verifying" (bounds always pass; panic passes unless a step-down probe
-   is being verified, and the verification it interrupts is "inconclusive"); inside
+   (step 8) -> "verifying" (bounds always pass; panic and step pass unless a step-down probe
+   or a retry is being verified, and the verification it interrupts is "inconclusive"); inside
    the cooldown -> "cooldown". The cooldown follows each change and each finished
    reload, and lasts max(cooldown_s, the last measured reload duration).
 6. Step and guards, which may shrink the change or block it:
-   - a load-driven scale-up stops at a learned ceiling (step 8) -> "ceiling";
+   - a load-driven scale-up (in-flight, panic or step) stops at a learned ceiling (step 8) -> "ceiling";
    - at most `max_step` instances per decision;
    - no new instance while GPU utilization >= gpu_utilization_ceiling_ratio -> "gpu-bound";
    - GPU memory: after the reload, free memory must stay >= the headroom, where a full
@@ -80,10 +100,16 @@ How a decision is made (every threshold is a policy key, control/policy.py):
    "unchanged", "no-gain", "worse", "inconclusive", or "holds" for a step-down probe.
    The verdict rides on that tick's decision (`verdicts`, numbers `verify_*`). A
    "no-gain" or "worse" verdict asks for the count before the change, reason
-   "verify-revert"; a jump of several instances that "improved" asks for one count
-   down at a time, reason "verify-probe", while the load holds still. These wants go
-   through every gate and guard above like any change; a load-driven scale-down below a
-   probe ends the probing. Reverts are not verified again.
+   "verify-revert" (a jump of several asks for one above the count before it first,
+   reason "verify-retry"); a jump of several instances that "improved" asks for one count
+   down at a time, reason "verify-probe". A probe waits until the load has been steady
+   for verify.settle_s and carries the load it will be judged against, and is not tried
+   when the offered need (2b) does not fit the lower count: probing then ends at the
+   lowest count that held (numbers probe_waits, probe_ends). A revert whose load is gone
+   (the last tick's load moved past max_load_change_ratio from the window its verdict
+   judged) is dropped, verdict "inconclusive". These wants go through every gate and
+   guard above like any change; a load-driven change of the count ends the probing.
+   Reverts are not verified again.
 9. The leak watchdog (`policy.leak`, control/leak.py has the rules): after each reload
    of this model, once settled, Triton's memory (`signals.memory`, process resident
    memory, and `signals.gpu`) is sampled per config (count, profile); a sample is
@@ -137,6 +163,7 @@ class Reason(StrEnum):
     INFLIGHT_ABOVE_TARGET = "inflight-above-target"
     INFLIGHT_BELOW_TARGET = "inflight-below-target"
     PANIC = "panic"
+    STEP = "step"                    # the offered load (arrival rate x service time) jumped: up at once
     BELOW_MIN = "below-min"
     ABOVE_MAX = "above-max"
     PROFILE_MISMATCH = "profile-mismatch"
@@ -149,6 +176,7 @@ class Reason(StrEnum):
     VERIFYING = "verifying"          # a change waits for its verdict (control/verify.py)
     VERIFY_REVERT = "verify-revert"  # undo a change whose verdict was no-gain or worse
     VERIFY_PROBE = "verify-probe"    # one count down after a jump, while throughput holds
+    VERIFY_RETRY = "verify-retry"    # a jump of several that lost: one above where it started is tried
     CEILING = "ceiling"              # a learned ceiling holds the count
     LEAK_SUSPECTED = "leak-suspected"  # memory kept rising across reloads (control/leak.py)
 
@@ -162,6 +190,7 @@ class State:
     down_from_s: float | None = None       # the streak's first sample ended here: later windows saw only the streak
     down_needs: tuple[tuple[float, int], ...] = ()  # (sample at_s, desired) of the streak's samples since then
     panic_since_s: float | None = None     # the panic condition has held since
+    service_s: float | None = None         # Triton's compute time per request, the last one measured
     changed_at_s: float | None = None      # the last decision that changed something
     memory_per_instance_bytes: float | None = None  # learned by observe_reload
     verify: verify.VerifyState = verify.VerifyState()  # windows, the change being verified, the ceiling
@@ -223,12 +252,14 @@ def _decide(signals: Signals, policy: ResolvedModelPolicy, state: State) -> tupl
                                  panic_since_s=None)
 
     current = config.instances
-    load = _load(inflight.inflight_mean, inflight.panic_inflight_mean, current, policy, inflight.source)
+    state = _remember_service(state, signals, policy)
+    offered = _offered(signals, policy, state, current)
+    load = _load(inflight.inflight_mean, inflight.panic_inflight_mean, current, policy, inflight.source, offered)
     state = _track(state, load, current, inflight, policy, now_s)
     numbers.update(_load_numbers(load, current, policy, state, now_s))
 
     action, reason, target = _wanted(load, state, policy, current, config, now_s)
-    action, reason, target, state = _verify_wants(action, reason, target, state, current, policy)
+    action, reason, target, state = _verify_wants(action, reason, target, state, current, policy, numbers, now_s)
     if action is Action.HOLD:
         return _decision(policy, now_s, action, reason, config, load.desired, current, None, numbers), state
 
@@ -297,17 +328,19 @@ def observe_reload(state: State, before_bytes: int | None, after_bytes: int | No
 # ---------------------------------------------------------------------------------------
 # Steps of `decide`
 
-_LOAD_UP: frozenset[Reason] = frozenset({Reason.INFLIGHT_ABOVE_TARGET, Reason.PANIC})
+_LOAD_UP: frozenset[Reason] = frozenset({Reason.INFLIGHT_ABOVE_TARGET, Reason.PANIC, Reason.STEP})
 _BOUNDS: frozenset[Reason] = frozenset({Reason.BELOW_MIN, Reason.ABOVE_MAX})
-_VERIFY_KIND: dict[Reason, verify.Kind | Literal["revert"]] = {
-    Reason.INFLIGHT_ABOVE_TARGET: "up", Reason.PANIC: "up", Reason.INFLIGHT_BELOW_TARGET: "down",
-    Reason.VERIFY_PROBE: "probe", Reason.VERIFY_REVERT: "revert"}
+_VERIFY_KIND: dict[Reason, verify.Kind | Literal["revert", "retry"]] = {
+    Reason.INFLIGHT_ABOVE_TARGET: "up", Reason.PANIC: "up", Reason.STEP: "up", Reason.INFLIGHT_BELOW_TARGET: "down",
+    Reason.VERIFY_PROBE: "probe", Reason.VERIFY_REVERT: "revert", Reason.VERIFY_RETRY: "retry"}
 
 
 def _verify_wants(action: Action, reason: Reason, target: int, state: State, current: int,
-                  policy: ResolvedModelPolicy) -> tuple[Action, Reason, int, State]:
+                  policy: ResolvedModelPolicy, numbers: dict[str, Number],
+                  now_s: float) -> tuple[Action, Reason, int, State]:
     """A revert or a probe verification asks for takes the place of what the load asks,
-    except a bound, and except a scale-down past a probe (nothing left to probe)."""
+    except a bound, and except a scale-down past a probe (nothing left to probe). A probe
+    waits while the load is not steady (control/verify.py, probe_gate)."""
     vs = state.verify
     want = vs.want
     if want is None or reason in _BOUNDS:
@@ -317,15 +350,26 @@ def _verify_wants(action: Action, reason: Reason, target: int, state: State, cur
     if done or overtaken:
         probe = None if want.kind == "probe" else vs.probe
         return action, reason, target, replace(state, verify=replace(vs, want=None, probe=probe))
+    waits, probe_numbers, vs = verify.probe_gate(vs, policy, current)
+    numbers.update(probe_numbers)
+    state = replace(state, verify=vs)
+    if waits == "need-above-probe":  # the load needs the lowest count that held: probing ends there
+        numbers.update(probe_ends="need-above-probe", probe_instances=want.instances)
+        vs = verify.end_probing(vs, policy, now_s)
+        return action, reason, target, replace(state, verify=vs)
+    if waits is not None:
+        numbers.update(probe_waits=waits, probe_instances=want.instances)
+        return action, reason, target, state
     wanted = Action.SCALE_UP if want.instances > current else Action.SCALE_DOWN
-    return wanted, Reason.VERIFY_REVERT if want.kind == "revert" else Reason.VERIFY_PROBE, want.instances, state
+    reason = {"revert": Reason.VERIFY_REVERT, "retry": Reason.VERIFY_RETRY}.get(want.kind, Reason.VERIFY_PROBE)
+    return wanted, reason, want.instances, state
 
 
 def _verifying_holds(pending: verify.Pending | None, reason: Reason) -> bool:
     """Whether a change waiting for its verdict holds this one (module docstring, step 5)."""
     if pending is None or reason in _BOUNDS:
         return False
-    return not (reason is Reason.PANIC and pending.kind != "probe")
+    return not (reason in (Reason.PANIC, Reason.STEP) and pending.kind != "probe" and not pending.retry)
 
 class _Timed(Protocol):
     @property
@@ -366,6 +410,67 @@ def _measured_load(signals: Signals, policy: ResolvedModelPolicy) -> _Measured |
 
 
 @dataclass(frozen=True)
+class _Offered:
+    """The offered load (module docstring, step 2b): Little's law on the proxy's arrivals."""
+    arrival_per_s: float          # requests the proxy saw start per second over the window
+    recent_arrival_per_s: float | None  # over the window's last part (the loop samples it)
+    service_s: float              # Triton's compute time per request
+    ideal: float                  # arrival x service / target: instances the load needs, no queue
+    desired: int                  # ceil(ideal), clamped to [min, max]
+    step_ideal: float             # the latest arrival rate's need plus draining the backlog
+    step_desired: int             # ceil(step_ideal), clamped
+    backlog: float                # requests expected queued once a reload now has finished
+    step: bool                    # a step: up at once to step_desired
+
+
+def _remember_service(state: State, signals: Signals, policy: ResolvedModelPolicy) -> State:
+    """Keep the last measured service time: a window without completions has none of its own."""
+    triton = _fresh(signals.triton, signals.now_s, policy.max_signal_age_s)
+    if triton is None or triton.compute_infer_ns_per_request is None or triton.compute_infer_ns_per_request <= 0:
+        return state
+    return replace(state, service_s=triton.compute_infer_ns_per_request / 1e9)
+
+
+def _offered(signals: Signals, policy: ResolvedModelPolicy, state: State, current: int) -> _Offered | None:
+    """The need from the arrival rate and the service time; None without either."""
+    proxy = _fresh(signals.inflight, signals.now_s, policy.max_signal_age_s)
+    service_s = state.service_s
+    if proxy is None or proxy.request_rate_per_s is None or service_s is None:
+        return None
+    target = policy.target_inflight_per_instance
+    arrival = max(0.0, proxy.request_rate_per_s)
+    recent = None if proxy.recent_rate_per_s is None else max(0.0, proxy.recent_rate_per_s)
+    ideal = arrival * service_s / target
+    rate = recent if recent is not None else arrival
+    # A step is seen by its arrivals before a queue has built: at least panic_threshold_ratio x
+    # this count's capacity at the target still arriving at the end of the window, the window as a
+    # whole above the band (a burst inside one short slice is not a step), and this count's
+    # instances holding more than their target right now.
+    step = (rate * service_s / target >= current * policy.panic_threshold_ratio - _EPSILON
+            and ideal > current * (1 + policy.tolerance_ratio) + _EPSILON
+            and proxy.inflight_now > current * target + _EPSILON)
+    # Size the move to serve the new rate and to drain, within the quiet time after it, what is
+    # queued now plus what queues while the reload runs (the current count, one request per
+    # instance at a time, serves current / service_s per second meanwhile).
+    last = signals.last_reload
+    reload_s = last.duration_s if last is not None else 0.0
+    backlog = max(0.0, proxy.inflight_now - rate * service_s) + max(0.0, rate - current / service_s) * reload_s
+    drain_s = max(policy.cooldown_s, reload_s)
+    extra_per_s = backlog / drain_s if drain_s > 0 else (math.inf if backlog > 0 else 0.0)
+    step_ideal = (rate + extra_per_s) * service_s / target
+    step_desired = _clamp(step_ideal, policy)
+    return _Offered(arrival_per_s=arrival, recent_arrival_per_s=recent, service_s=service_s, ideal=ideal,
+                    desired=_clamp(ideal, policy), step_ideal=step_ideal, step_desired=step_desired,
+                    backlog=backlog, step=step and step_desired > current)
+
+
+def _clamp(ideal: float, policy: ResolvedModelPolicy) -> int:
+    """ceil(ideal), at least 1, within [min, max]."""
+    unclamped = max(1, math.ceil(ideal - _EPSILON)) if math.isfinite(ideal) else policy.max_instances
+    return min(policy.max_instances, max(policy.min_instances, unclamped))
+
+
+@dataclass(frozen=True)
 class _Load:
     ideal: float       # instances that would hold in-flight per instance at the target
     unclamped: int     # ceil(ideal), at least 1
@@ -374,10 +479,17 @@ class _Load:
     panic: bool        # the proxy's in-flight >= panic_threshold_ratio x n x target
     inflight_mean: float = 0.0
     source: str = "proxy"
+    offered: _Offered | None = None  # the need from the arrivals; None: not measured
+
+    @property
+    def steady_need(self) -> int:
+        """One sample's need for the way down: the offered load's where measured (a backlog
+        that drains lifts in-flight, not the load), else the in-flight one."""
+        return self.offered.desired if self.offered is not None else self.desired
 
 
 def _load(inflight_mean: float, panic_inflight_mean: float | None, current: int, policy: ResolvedModelPolicy,
-          source: str = "proxy") -> _Load:
+          source: str = "proxy", offered: _Offered | None = None) -> _Load:
     ideal = max(0.0, inflight_mean) / policy.target_inflight_per_instance
     unclamped = max(1, math.ceil(ideal - _EPSILON))
     desired = min(policy.max_instances, max(policy.min_instances, unclamped))
@@ -387,7 +499,7 @@ def _load(inflight_mean: float, panic_inflight_mean: float | None, current: int,
         ideal=ideal, unclamped=unclamped, desired=desired,
         above_band=ideal > current * (1 + policy.tolerance_ratio) + _EPSILON,
         panic=panic_ideal is not None and panic_ideal >= current * policy.panic_threshold_ratio - _EPSILON,
-        inflight_mean=inflight_mean, source=source,
+        inflight_mean=inflight_mean, source=source, offered=offered,
     )
 
 
@@ -397,7 +509,8 @@ def _track(state: State, load: _Load, current: int, inflight: _Measured, policy:
     and, while down holds, the needs of its samples (see `_down_target`)."""
     up = load.above_band and load.desired > current
     panic = up and load.panic
-    down = load.desired < current
+    # Down while the in-flight need and, where measured, the offered need are below the count.
+    down = load.desired < current and (load.offered is None or load.offered.desired < current)
     needs: tuple[tuple[float, int], ...]
     if not down:
         down_from_s, needs = None, ()
@@ -409,7 +522,7 @@ def _track(state: State, load: _Load, current: int, inflight: _Measured, policy:
         needs = tuple((at_s, n) for at_s, n in state.down_needs
                       if n < current and at_s >= now_s - policy.scale_down_delay_s - _EPSILON)
         if inflight.at_s - inflight.window_s >= down_from_s - _EPSILON and inflight.at_s > down_from_s:
-            needs += ((inflight.at_s, load.desired),)
+            needs += ((inflight.at_s, load.steady_need),)
     return replace(
         state,
         up_since_s=_since(state.up_since_s, up, now_s),
@@ -422,8 +535,9 @@ def _track(state: State, load: _Load, current: int, inflight: _Measured, policy:
 
 def _down_target(state: State, load: _Load) -> int:
     """The highest need among the down streak's samples of the last scale_down_delay_s
-    (each window wholly inside the streak); this sample's need when there is none yet."""
-    return max((n for _, n in state.down_needs), default=load.desired)
+    (each window wholly inside the streak; the offered load's need where measured), and at
+    least this sample's in-flight need (a queue that lasts at this count is load)."""
+    return max(max((n for _, n in state.down_needs), default=load.steady_need), load.desired)
 
 
 def _since(since_s: float | None, holds: bool, now_s: float) -> float | None:
@@ -443,6 +557,8 @@ def _wanted(load: _Load, state: State, policy: ResolvedModelPolicy, current: int
         return Action.SCALE_UP, Reason.BELOW_MIN, max(policy.min_instances, load.desired)
     if current > policy.max_instances:
         return Action.SCALE_DOWN, Reason.ABOVE_MAX, policy.max_instances
+    if load.offered is not None and load.offered.step:
+        return Action.PANIC_UP, Reason.STEP, load.offered.step_desired
     if _lasted(state.panic_since_s, policy.panic_window_s, now_s):
         return Action.PANIC_UP, Reason.PANIC, load.desired
     if _lasted(state.up_since_s, policy.scale_up_delay_s, now_s):
@@ -637,6 +753,14 @@ def _load_numbers(load: _Load, current: int, policy: ResolvedModelPolicy, state:
         "scale_down_at_or_below_inflight": (current - 1) * target,
         "panic_at_inflight": current * target * policy.panic_threshold_ratio,
     }
+    offered = load.offered
+    if offered is not None:
+        out.update(offered_arrival_per_s=offered.arrival_per_s, recent_arrival_per_s=offered.recent_arrival_per_s,
+                   service_s=offered.service_s, offered_ideal_instances=offered.ideal,
+                   offered_desired_instances=offered.desired,
+                   step_at_ideal_instances=current * policy.panic_threshold_ratio)
+        if offered.step:
+            out.update(step_ideal_instances=offered.step_ideal, step_backlog=offered.backlog)
     for name, since in (("up_for_s", state.up_since_s), ("down_for_s", state.down_since_s),
                         ("panic_for_s", state.panic_since_s)):
         if since is not None:

@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -54,6 +54,9 @@ from tritonpilot.proxy.gpu import GpuSnapshot
 from tritonpilot.proxy.stats import ProxySnapshot
 
 log = structlog.get_logger(__name__)
+
+# Where inside each interval the loop marks the proxy's arrivals (Controller.sample_arrivals).
+RECENT_AT_RATIO = 0.75
 
 
 class Sources(Protocol):
@@ -157,6 +160,7 @@ class Controller:
         self.sleep = sleep
         self.metrics = ControllerMetrics(registry)
         self._prev_snapshot: ProxySnapshot | None = None
+        self._arrival_marks: tuple[float, dict[str, int]] | None = None  # sample_arrivals: (at_s, started per model)
         self._staged: tuple[dict[str, ResolvedModelPolicy], dict[str, Any]] | None = None  # replace_policies
 
     async def run(self) -> None:
@@ -168,6 +172,13 @@ class Controller:
                     await self.tick(started)
                 except Exception:  # one bad tick must not stop the controller
                     log.exception("controller.tick_failed")
+                # One more look at the proxy's arrivals late in the interval: the next tick then
+                # knows the rate of the interval's last part (a step within one tick, decide.py 2b).
+                await self.sleep(max(0.0, RECENT_AT_RATIO * self.interval_s - (self.clock() - started)))
+                try:
+                    self.sample_arrivals(self.clock())
+                except Exception:  # the next tick then has no recent rate: no data, not a stop
+                    log.exception("controller.arrivals_failed")
                 await self.sleep(max(0.0, self.interval_s - (self.clock() - started)))
         finally:
             # Stopped (the sidecar cancels this task): no reload task or channel outlives it.
@@ -182,6 +193,25 @@ class Controller:
         if close_sources is not None:
             await close_sources()
         self.recorder.close()
+
+    def sample_arrivals(self, now_s: float) -> None:
+        """Mark each model's count of started requests now (sources without `proxy_started`
+        have none): the next tick's sample gets the arrival rate since this mark."""
+        read = getattr(self.sources, "proxy_started", None)
+        if read is None:
+            return
+        self._arrival_marks = (now_s, dict(read(now_s)))
+
+    def _with_recent_rate(self, name: str, inflight: InflightSample | None, snapshot: ProxySnapshot,
+                          prev_s: float | None) -> InflightSample | None:
+        mark = self._arrival_marks
+        if inflight is None or mark is None or prev_s is None or not prev_s < mark[0] < snapshot.now_s:
+            return inflight
+        model = snapshot.models.get(name)
+        started_now = model.started_total if model is not None else 0
+        window_s = snapshot.now_s - mark[0]
+        return replace(inflight, recent_rate_per_s=max(0, started_now - mark[1].get(name, 0)) / window_s,
+                       recent_window_s=window_s)
 
     async def tick(self, now_s: float) -> list[Decision]:
         self._take_staged_policies()
@@ -204,6 +234,7 @@ class Controller:
             config, triton = read[name]
             inflight = (inflight_sample(prev.models.get(name), prev.now_s, snapshot.models.get(name), now_s)
                         if prev is not None else None)
+            inflight = self._with_recent_rate(name, inflight, snapshot, prev.now_s if prev is not None else None)
             self._learn_memory(name, m, gpus, now_s)
             gpu = self._model_gpu(name, m, gpus, now_s)
             signals = Signals(now_s=now_s, inflight=inflight, config=config, triton=triton, gpu=gpu,
@@ -493,6 +524,11 @@ class LiveSources:
     def proxy_snapshot(self, now_s: float) -> ProxySnapshot:
         snap = self._stats.snapshot(time.monotonic(), reset_peaks=True)
         return ProxySnapshot(now_s=now_s, models=snap.models)
+
+    def proxy_started(self, now_s: float) -> dict[str, int]:
+        """Requests started so far per model (peaks left alone: they belong to the tick's snapshot)."""
+        snap = self._stats.snapshot(time.monotonic(), reset_peaks=False)
+        return {name: m.started_total for name, m in snap.models.items()}
 
     def gpu(self) -> GpuSnapshot:
         return self._gpu.latest()

@@ -296,11 +296,11 @@ class VerifySettings(_Frozen):
     """`verify`: after each load-driven change, compare a window before with a window after
     (control/verify.py); revert what did not help, remember the useful ceiling.
 
-    Off by default: measured on the controller benchmark, the step-down probe after a panic
-    jump raised p95 during the high phase and a failed probe was reverted after the load had
-    dropped (docs/benchmarks.md, Controller). Opt in per model until that is fixed."""
+    On by default (issue 10): a step-down probe waits for a steady load and is not tried when
+    the offered load needs the count, and a revert whose load is gone is dropped, so the
+    controller benchmark's step no longer pays for it (docs/benchmarks.md, Controller)."""
 
-    enabled: StrictBool = False
+    enabled: StrictBool = True
     # After the reload finished, wait this long before the after-window starts (warm-up).
     settle_s: Seconds = 10.0
     # Length of the after-window (and the most of the before-window that counts).
@@ -450,7 +450,7 @@ class Policy(_Frozen):
 class VerifyPolicy:
     """One model's `verify` keys, defaults merged with its overrides (`VerifySettings`)."""
 
-    enabled: bool = False
+    enabled: bool = True
     settle_s: float = 10.0
     window_s: float = 20.0
     min_gain_ratio: float = 0.1

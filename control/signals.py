@@ -45,6 +45,11 @@ class InflightSample:
     # windows add up, so control/verify.py takes a p95 over many ticks. None: not measured.
     latency_bucket_counts: tuple[int, ...] | None = None
     error_count: int | None = None           # requests finished in the window with a code other than OK
+    # Requests started per second over the window's last part, (at_s - recent_window_s, at_s]: the
+    # loop reads the proxy's counters once more inside each interval, so a step that came late in
+    # the window shows at its full rate (control/decide.py, step 2b). None: not measured.
+    recent_rate_per_s: float | None = None
+    recent_window_s: float | None = None
 
 
 @dataclass(frozen=True)

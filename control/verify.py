@@ -21,8 +21,10 @@ Verdicts (`Verdict`), in the order they are tested:
   loop of clients keeps its in-flight count, an open loop its rate). Nothing is undone.
   Also a change superseded by another (panic, a bound) before its verdict.
 - "worse": p95 grew by more than `max_p95_worsening_ratio`, the failed share rose by more
-  than `max_error_increase_ratio`, or throughput fell by more than `min_gain_ratio`.
-  Reverted; after a scale-up the count before it becomes the ceiling.
+  than `max_error_increase_ratio`, or throughput fell by more than `min_gain_ratio` (after a
+  load-driven scale-down only while the lower count queues: at least one in flight per instance).
+  Reverted (a jump of several: retried one above, below); after a scale-up the count before it
+  becomes the ceiling.
 - "improved": throughput rose, or latency fell, by at least `min_gain_ratio`. Kept.
 - "no-gain" (scale-up only): neither, while the model was saturated before (at least one
   request in flight per instance). Reverted, and the count before it is the ceiling.
@@ -30,19 +32,39 @@ Verdicts (`Verdict`), in the order they are tested:
 - "holds" (a step-down probe): the lower count serves the load as well as the highest
   did (no "worse" against that window). The next probe follows.
 
+A jump of several instances that was "worse" or "no-gain" may still have gained up to a
+count between: instead of the full revert, one above the count before the jump is tried
+(reason "verify-retry"), judged against the window before the jump like a scale-up. Kept
+(not worse, not without gain) it is the ceiling; otherwise it is reverted to the count before
+the jump, which becomes the ceiling. Panic and step wait while a retry is verified.
+
 The ceiling (count, and the profile of the count above it): load-driven scale-ups do not
 go past it until `ceiling_backoff_s` has passed or that profile changes; then the next
 scale-up past it is one probe, verified like any other.
 
-A jump of several instances that "improved" hides where the gain stopped: while the
-load stays, one count down at a time is probed (reason "verify-probe"), each compared
-with the window at the highest count, down to one above the count before the jump.
-The lowest count that holds is kept, and is the ceiling: the first probe that does not
-hold is reverted to it.
+A jump of several instances that "improved" hides where the gain stopped: one count
+down at a time is probed (reason "verify-probe"), each compared with the window at the
+highest count, down to one above the count before the jump. The lowest count that holds
+is kept, and is the ceiling: the first probe that does not hold is reverted to it.
+Not while a step's load lasts (`probe_gate`): a probe waits until the load has been steady
+for `settle_s` (no tick of that window away from its load by more than
+`max_load_change_ratio`) and carries the load the probe will be judged against (still at
+the highest count, a steady load that moved becomes the new reference). It is not tried
+at all when the offered load's need, arrival rate x the least compute time per request
+measured (before the jump included: a CPU-bound model's contention inflates it at the
+higher counts) over the target, needs more than the lower count, or, unless every instance is
+busy (completions x compute time per request), the in-flight mean does (it holds a request's
+whole time, not only its compute): probing ends there.
+
+A revert is for the load its verdict judged: when the last tick's load moved past
+`max_load_change_ratio` from that window before the revert was done (the load dropped
+while it waited, or in the window's last tick), it is dropped, and the change's verdict
+becomes "inconclusive" (with the ceiling learned from it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -67,6 +89,8 @@ class Verdict(StrEnum):
 
 
 REVERTING: frozenset[Verdict] = frozenset({Verdict.NO_GAIN, Verdict.WORSE})
+# Instances busy (completions x compute time per request) at this share of the count: saturated.
+SATURATED_RATIO = 0.9
 
 
 @dataclass(frozen=True)
@@ -82,6 +106,7 @@ class Tick:
     triton_failed: int | None = None
     triton_request_s: float | None = None  # total time of the window's requests inside Triton
     triton_queue_ns: float | None = None
+    triton_compute_ns: float | None = None  # compute time of the window's completed requests
     proxy_completed: int | None = None
     proxy_errors: int | None = None
     buckets: tuple[int, ...] | None = None  # the window's cumulative latency bucket counts
@@ -101,6 +126,7 @@ class Window:
     triton_latency_s: float | None
     queue_ns_per_request: float | None
     error_ratio: float | None
+    service_s: float | None = None  # Triton's compute time per completed request
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,7 @@ class Pending:
     to_instances: int
     changed_at_s: float
     before: Window   # for a probe: the window at the highest count
+    retry: bool = False  # one count above a jump that was worse, judged against the window before the jump
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,7 @@ class Probe:
     reference: Window  # after the jump, at the highest count
     bottom: int        # the lowest count to try: one above the count before the jump
     lowest_held: int
+    service_s: float | None = None  # the least compute time per request measured (before the jump included)
 
 
 @dataclass(frozen=True)
@@ -137,7 +165,10 @@ class Want:
     """A change verification asks for: undo one, or probe one count down."""
 
     instances: int
-    kind: Literal["revert", "probe"]
+    kind: Literal["revert", "probe", "retry"]
+    after: Window | None = None  # a revert: the window its verdict judged (the load it is valid for)
+    verdict: Outcome | None = None  # a revert: the verdict that asked for it
+    before: Window | None = None    # a retry: the window before the jump, to judge it against
 
 
 @dataclass(frozen=True)
@@ -181,6 +212,8 @@ def tick_of(signals: Signals, inflight_mean: float, instances: int, max_age_s: f
                           if triton is not None and triton.inflight_mean is not None else None),
         triton_queue_ns=(triton.queue_ns_per_request * triton.success_count
                          if triton is not None and triton.queue_ns_per_request is not None else None),
+        triton_compute_ns=(triton.compute_infer_ns_per_request * triton.success_count
+                           if triton is not None and triton.compute_infer_ns_per_request is not None else None),
         proxy_completed=buckets[-1] if buckets else None,
         proxy_errors=proxy.error_count if proxy is not None else None,
         buckets=buckets,
@@ -208,6 +241,7 @@ def summarize(ticks: tuple[Tick, ...]) -> Window | None:
     done = triton_done if triton_done is not None else proxy_done
     errors = max((e for e in (triton_failed, total("proxy_errors")) if e is not None), default=None)
     queue_ns = total("triton_queue_ns")
+    compute_ns = total("triton_compute_ns")
     arrival = [t.arrival_per_s for t in ticks]
     return Window(
         span_s=span_s, instances=ticks[-1].instances,
@@ -220,6 +254,7 @@ def summarize(ticks: tuple[Tick, ...]) -> Window | None:
                           if request_s is not None and triton_done and triton_failed is not None else None),
         queue_ns_per_request=queue_ns / triton_done if queue_ns is not None and triton_done else None,
         error_ratio=errors / (done + errors) if errors is not None and done is not None and done + errors else None,
+        service_s=compute_ns / 1e9 / triton_done if compute_ns is not None and triton_done else None,
     )
 
 
@@ -248,6 +283,16 @@ def _change(before: float | None, after: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------
 # Judging
 
+def load_moved(before: Window, after: Window, p: VerifyPolicy) -> tuple[bool, float | None, float | None]:
+    """Whether two windows' loads differ: neither the in-flight mean nor the arrival rate stayed
+    within max_load_change_ratio (a closed loop keeps its in-flight, an open loop its rate)."""
+    inflight_change = _change(before.inflight_mean, after.inflight_mean)
+    arrival_change = _change(before.arrival_per_s, after.arrival_per_s)
+    moved = not any(c is not None and abs(c) <= p.max_load_change_ratio + _EPSILON
+                    for c in (inflight_change, arrival_change))
+    return moved, inflight_change, arrival_change
+
+
 def judge(kind: Kind, before: Window, after: Window, p: VerifyPolicy) -> tuple[Verdict, dict[str, Number]]:
     """The verdict on one change (module docstring), with the numbers behind it."""
     numbers: dict[str, Number] = {
@@ -266,11 +311,9 @@ def judge(kind: Kind, before: Window, after: Window, p: VerifyPolicy) -> tuple[V
     tput_change = _change(tput_before, tput_after)
     numbers.update(throughput_before_per_s=tput_before, throughput_after_per_s=tput_after,
                    throughput_source=source, throughput_change_ratio=tput_change)
-    inflight_change = _change(before.inflight_mean, after.inflight_mean)
-    arrival_change = _change(before.arrival_per_s, after.arrival_per_s)
+    moved, inflight_change, arrival_change = load_moved(before, after, p)
     numbers.update(inflight_change_ratio=inflight_change, arrival_change_ratio=arrival_change)
-    if not any(c is not None and abs(c) <= p.max_load_change_ratio + _EPSILON
-               for c in (inflight_change, arrival_change)):
+    if moved:
         numbers["inconclusive_because"] = "load changed between the windows"
         return Verdict.INCONCLUSIVE, numbers
     latency = _latency(before, after)
@@ -281,10 +324,15 @@ def judge(kind: Kind, before: Window, after: Window, p: VerifyPolicy) -> tuple[V
     error_rise = (after.error_ratio - before.error_ratio
                   if after.error_ratio is not None and before.error_ratio is not None else None)
     numbers["error_ratio_increase"] = error_rise
+    # After a load-driven scale-down, fewer completions are the load's doing unless the lower count
+    # queues (in flight at least one per instance): a drain before the change inflates the window
+    # before, and without the proxy's arrival rate the windows still compare by in-flight.
+    lower_keeps_up = kind == "down" and after.inflight_mean < after.instances - _EPSILON
     worse = [why for why, bad in (
         ("latency", latency_change is not None and latency_change > p.max_p95_worsening_ratio + _EPSILON),
         ("errors", error_rise is not None and error_rise > p.max_error_increase_ratio + _EPSILON),
-        ("throughput", tput_change is not None and tput_change < -p.min_gain_ratio - _EPSILON)) if bad]
+        ("throughput", tput_change is not None and tput_change < -p.min_gain_ratio - _EPSILON
+         and not lower_keeps_up)) if bad]
     if worse:
         numbers["worse_in"] = ",".join(worse)
         return Verdict.WORSE, numbers
@@ -320,6 +368,10 @@ def observe(vs: VerifyState, signals: Signals, policy: ResolvedModelPolicy, curr
     if vs.ceiling is not None and not ceiling_holds(vs.ceiling, policy, now_s):
         vs = replace(vs, ceiling=None)
     pending = vs.pending
+    dropped = None if signals.reload_pending else _drop_stale_revert(vs, current, p)
+    if dropped is not None:
+        vs, outcome = dropped
+        return vs, (outcome,)
     if pending is None or current is None or now_s <= pending.changed_at_s:
         return vs, ()
     last = signals.last_reload
@@ -335,7 +387,99 @@ def observe(vs: VerifyState, signals: Signals, policy: ResolvedModelPolicy, curr
     if after is None or after.span_s < p.window_s - _EPSILON:
         return vs, ()
     verdict, numbers = judge(pending.kind, pending.before, after, p)
-    return _follow(vs, pending, verdict, numbers, after, policy, now_s)
+    vs, outcomes = _follow(vs, pending, verdict, numbers, after, policy, now_s)
+    dropped = _drop_stale_revert(vs, current, p)  # the window's last tick already saw another load
+    if dropped is not None:
+        vs, outcome = dropped
+        outcomes += (outcome,)
+    return vs, outcomes
+
+
+def _drop_stale_revert(vs: VerifyState, current: int | None,
+                       p: VerifyPolicy) -> tuple[VerifyState, Outcome] | None:
+    """A revert not done yet whose load is gone: the last tick's load moved past
+    max_load_change_ratio from the window its verdict judged. What was worse at that load says
+    nothing about this one, so the revert is dropped and the change's verdict is inconclusive."""
+    want, ticks = vs.want, vs.ticks
+    if (want is None or want.kind != "revert" or want.after is None or want.verdict is None or not ticks
+            or current is None or current == want.instances):
+        return None
+    now = summarize(ticks[-1:])
+    if now is None:
+        return None
+    moved, inflight_change, arrival_change = load_moved(want.after, now, p)
+    if not moved:
+        return None
+    v = want.verdict
+    outcome = Outcome(verdict=Verdict.INCONCLUSIVE, at_s=ticks[-1].at_s, kind=v.kind, from_instances=v.from_instances,
+                      to_instances=v.to_instances, then=f"kept; revert to {want.instances} dropped",
+                      numbers={"verify_inconclusive_because": "load changed before the revert",
+                               "verify_reverting_for": str(v.verdict),
+                               "verify_inflight_change_ratio": inflight_change,
+                               "verify_arrival_change_ratio": arrival_change})
+    ceiling = vs.ceiling if vs.ceiling is None or vs.ceiling.learned_s != v.at_s else None  # learned from it
+    return replace(vs, want=None, ceiling=ceiling, last=outcome), outcome
+
+
+def probe_gate(vs: VerifyState, policy: ResolvedModelPolicy,
+               current: int) -> tuple[str | None, dict[str, Number], VerifyState]:
+    """Why a wanted step-down probe must wait (None: it may go), with the numbers.
+
+    Not while a step's load lasts: only once the load has been steady for settle_s (no tick of
+    that window away from the window's load, max_load_change_ratio) and carries the load the
+    probe is judged against (the window at the highest count; still at that count, the steady
+    window replaces it), and the load's need fits the lower count ("need-above-probe": probing
+    ends): the offered load's (arrival rate x the least compute time per request measured, over
+    the target), and below saturation (completions x compute time per request < 0.9 x count:
+    not every instance busy) the in-flight one too."""
+    want, probe, p = vs.want, vs.probe, policy.verify
+    if want is None or want.kind != "probe" or probe is None or not vs.ticks:
+        return None, {}, vs
+    now_s = vs.ticks[-1].at_s
+    settling = tuple(t for t in vs.ticks if t.at_s > now_s - max(p.settle_s, _EPSILON))
+    recent = summarize(settling)
+    if recent is None or recent.span_s < p.settle_s - _EPSILON or any(t.instances != current for t in settling):
+        return "settling", {}, vs
+    if any(load_moved(recent, one, p)[0] for one in (summarize((t,)) for t in settling) if one is not None):
+        return "settling", {}, vs
+    moved, inflight_change, arrival_change = load_moved(probe.reference, recent, p)
+    numbers: dict[str, Number] = {"probe_inflight_change_ratio": inflight_change,
+                                  "probe_arrival_change_ratio": arrival_change}
+    if moved and current == probe.reference.instances:
+        probe = replace(probe, reference=recent)  # the load moved, steady again: judge against this
+        vs = replace(vs, probe=probe)
+        numbers["probe_reference"] = "renewed"
+    elif moved:
+        return "load-moved", numbers, vs
+    target = policy.target_inflight_per_instance
+    service_s = _least(probe.service_s, recent.service_s)
+    arrival = recent.arrival_per_s if recent.arrival_per_s is not None else recent.triton_per_s
+    need = arrival * service_s / target if service_s is not None and arrival is not None else None
+    # Below saturation in-flight is the load too (a request's whole time, not only its compute).
+    # Saturated (Little's law on the completions: every instance busy, as when contention
+    # stretches each request), a queue holds in-flight up whatever the count: the offered need alone.
+    busy = recent.triton_per_s * recent.service_s if recent.triton_per_s and recent.service_s else None
+    saturated = (busy >= SATURATED_RATIO * current if busy is not None
+                 else recent.inflight_mean >= current * target - _EPSILON)
+    numbers["probe_saturated"] = int(saturated)
+    if not saturated:
+        need = max(need or 0.0, recent.inflight_mean / target)
+    if need is not None:
+        numbers.update(probe_need_instances=need, probe_service_s=service_s)
+        if math.ceil(need - _EPSILON) > want.instances:
+            return "need-above-probe", numbers, vs
+    return None, numbers, vs
+
+
+def end_probing(vs: VerifyState, policy: ResolvedModelPolicy, now_s: float) -> VerifyState:
+    """Stop probing: the lowest count that held is kept, and is the ceiling."""
+    probe = vs.probe
+    vs = replace(vs, want=None, probe=None)
+    return vs if probe is None else _learn(vs, probe.lowest_held, policy, now_s)
+
+
+def _least(*values: float | None) -> float | None:
+    return min((v for v in values if v is not None), default=None)
 
 
 def _follow(vs: VerifyState, pending: Pending, verdict: Verdict, numbers: dict[str, Number], after: Window,
@@ -346,7 +490,7 @@ def _follow(vs: VerifyState, pending: Pending, verdict: Verdict, numbers: dict[s
     if pending.kind == "probe" and vs.probe is not None:
         probe = vs.probe
         if verdict is Verdict.HOLDS:
-            probe = replace(probe, lowest_held=pending.to_instances)
+            probe = replace(probe, lowest_held=pending.to_instances, service_s=_least(probe.service_s, after.service_s))
             if pending.to_instances - 1 >= probe.bottom:
                 vs, then = replace(vs, probe=probe, want=Want(pending.to_instances - 1, "probe")), \
                     f"probe {pending.to_instances - 1}"
@@ -357,17 +501,28 @@ def _follow(vs: VerifyState, pending: Pending, verdict: Verdict, numbers: dict[s
             vs, then = replace(vs, want=Want(probe.lowest_held, "revert")), f"revert to {probe.lowest_held}; ceiling"
         else:
             vs, then = replace(vs, probe=None), "kept; probing ends"
+    elif verdict in REVERTING and pending.kind == "up" and pending.to_instances - pending.from_instances >= 2:
+        # A jump of several that lost may still have gained up to a count between: one above
+        # where it started is tried, against the same window before the jump.
+        retry = pending.from_instances + 1
+        vs, then = replace(vs, want=Want(retry, "retry", before=pending.before)), f"retry {retry}"
     elif verdict in REVERTING:
         vs, then = replace(vs, want=Want(pending.from_instances, "revert")), f"revert to {pending.from_instances}"
         if pending.kind == "up":
             vs, then = _learn(vs, pending.from_instances, policy, now_s), then + "; ceiling"
+    elif pending.retry:
+        # Better than before the jump, and the jump's top was worse: past this count nothing gained.
+        vs, then = _learn(vs, pending.to_instances, policy, now_s), "kept; ceiling"
     elif verdict is Verdict.IMPROVED and pending.kind == "up" and pending.to_instances - pending.from_instances >= 2:
-        probe = Probe(reference=after, bottom=pending.from_instances + 1, lowest_held=pending.to_instances)
+        probe = Probe(reference=after, bottom=pending.from_instances + 1, lowest_held=pending.to_instances,
+                      service_s=_least(pending.before.service_s, after.service_s))
         vs, then = replace(vs, probe=probe, want=Want(pending.to_instances - 1, "probe")), \
             f"probe {pending.to_instances - 1}"
     outcome = Outcome(verdict=verdict, at_s=now_s, kind=pending.kind, from_instances=pending.from_instances,
                       to_instances=pending.to_instances, then=then,
                       numbers={f"verify_{k}": v for k, v in numbers.items()})
+    if vs.want is not None and vs.want.kind == "revert":
+        vs = replace(vs, want=replace(vs.want, after=after, verdict=outcome))
     return replace(vs, last=outcome), (outcome,)
 
 
@@ -396,7 +551,7 @@ def ceiling_numbers(ceiling: Ceiling, now_s: float) -> dict[str, Number]:
 # ---------------------------------------------------------------------------------------
 # A change was decided
 
-def on_change(vs: VerifyState, kind: Kind | Literal["revert"] | None, from_instances: int, to_instances: int,
+def on_change(vs: VerifyState, kind: Kind | Literal["revert", "retry"] | None, from_instances: int, to_instances: int,
               since_s: float | None, last_reload_s: float | None, policy: ResolvedModelPolicy,
               now_s: float) -> tuple[VerifyState, tuple[Outcome, ...]]:
     """Start verifying a change (kind None: not verified, e.g. a bound or a profile fix).
@@ -410,9 +565,19 @@ def on_change(vs: VerifyState, kind: Kind | Literal["revert"] | None, from_insta
     if vs.pending is not None:  # superseded before its verdict
         outcomes = (_inconclusive(vs.pending, now_s, "superseded by another change"),)
         vs = replace(vs, pending=None, probe=None if kind != "probe" else vs.probe)
+    retry_before = vs.want.before if kind == "retry" and vs.want is not None else None
     want = vs.want if vs.want is not None and vs.want.instances != to_instances else None
+    if kind in ("up", "down") and want is not None and want.kind == "probe":
+        want = None  # the load moved the count while a probe waited: probing ends
+        vs = replace(vs, probe=None)
     vs = replace(vs, want=want)
     if kind == "revert" or kind is None:
+        return (replace(vs, last=outcomes[-1]) if outcomes else vs), outcomes
+    if kind == "retry":
+        if retry_before is None:
+            return (replace(vs, last=outcomes[-1]) if outcomes else vs), outcomes
+        vs = replace(vs, pending=Pending(kind="up", from_instances=to_instances - 1, to_instances=to_instances,
+                                         changed_at_s=now_s, before=retry_before, retry=True))
         return (replace(vs, last=outcomes[-1]) if outcomes else vs), outcomes
     if kind == "probe" and vs.probe is not None:
         before: Window | None = vs.probe.reference

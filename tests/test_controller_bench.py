@@ -5,14 +5,18 @@ docs/benchmarks.md. The benchmark itself runs for ~11 min: `bash scripts/bench-c
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import pytest
 from controller_bench import (
     BEGIN,
     END,
+    Backlog,
+    ClosedRun,
     ConfigSample,
     RunReport,
     Settings,
+    ceiling_targets,
     config_timeline,
     configure,
     judge,
@@ -23,7 +27,9 @@ from controller_bench import (
     replace_block,
     results_summary,
     settings_from_args,
+    step_lines,
     step_times,
+    step_to_change_s,
 )
 
 from tritonpilot.tools.benchlib import LevelResult
@@ -167,3 +173,56 @@ def test_options() -> None:
         settings_from_args(parser.parse_args(["--modes", "controller,dynamic"]))
     with pytest.raises(SystemExit, match="leaves nothing"):
         settings_from_args(parser.parse_args(["--phase-s", "10", "--transition-s", "10"]))
+
+
+def test_presets_and_verify_shape_the_controllers_policy() -> None:
+    example = Settings(preset="example")
+    assert example.policy_yaml() == "models:\n  sleep: {}\n"  # deploy/policy.example.yaml's defaults
+    assert Settings(preset="example", max_instances=3, verify="off").policy_yaml() == (
+        "defaults:\n  verify: {enabled: false}\n  max_instances: 3\nmodels:\n  sleep: {}\n")
+    bench_on = Settings(verify="on").policy_yaml()
+    assert "defaults:\n  verify: {enabled: true}\n  min_instances: 1" in bench_on and "interval_s: 0.5" in bench_on
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    s = settings_from_args(parser.parse_args(["--preset", "example", "--verify", "on", "--no-proxy", "--short"]))
+    assert (s.preset, s.verify, s.no_proxy, s.phase_s) == ("example", "on", True, 25.0)
+
+
+def test_the_step_response_reads_the_first_change_after_each_step_and_the_backlog() -> None:
+    run = runs([level(20, 20, 25), level(140, 139, 40), level(20, 20, 26)], CONTROLLER_SAMPLES)["controller"]
+    decisions = [{"t_s": -1.5, "reason": "profile-mismatch"}, {"t_s": 60.8, "reason": "step"},
+                 {"t_s": 125.0, "reason": "inflight-below-target"}]
+    run = RunReport(run.mode, 1, run.phases, run.samples, decisions, {}, [3, 250, 12])
+    assert step_to_change_s(run, run.phases[1]) == pytest.approx(0.8)
+    assert step_to_change_s(run, run.phases[2]) == pytest.approx(5.0)
+    lines = step_lines(run)
+    assert lines[2].startswith("| low | n/a | 3 | 0 |") and lines[3] == "| high | 0.80 | 250 | 1 |"
+
+
+def test_the_backlog_counts_outstanding_requests_and_their_peak() -> None:
+    backlog = Backlog()
+
+    class Call:
+        async def __call__(self) -> None:
+            assert backlog.outstanding == 1
+
+        async def close(self) -> None:
+            pass
+
+    asyncio.run(backlog.wrap(Call())())
+    assert backlog.outstanding == 0 and [n for _, n in backlog.events] == [1, 0]
+    backlog.events = [(1.0, 1), (2.0, 5), (3.0, 2), (9.0, 7)]
+    assert backlog.peak(0.0, 5.0) == 5 and backlog.peak(5.0, 8.0) == 0
+
+
+def test_ceiling_targets_take_the_useful_count_from_the_static_runs() -> None:
+    def closed(mode: str, served: float, mean: float, final: int, seconds: float = 60.0) -> ClosedRun:
+        return ClosedRun(mode=mode, seconds=seconds, transition_s=10.0, window_s=(10.0, seconds), served_per_s=served,
+                         p95_ms=50.0, failures=0, mean_instances=mean, instance_seconds=None, final_instances=final)
+    statics = {"static-1": closed("static-1", 90, 1, 1), "static-2": closed("static-2", 160, 2, 2),
+               "static-3": closed("static-3", 158, 3, 3), "static-4": closed("static-4", 155, 4, 4)}
+    good = ceiling_targets({**statics, "controller": closed("controller", 156, 2.6, 2, seconds=180.0)}, 4)
+    assert [t.met for t in good] == [True, True, True] and "useful count (2" in good[0].what
+    assert good[2].measured == "442 vs 680"
+    bad = ceiling_targets({**statics, "controller": closed("controller", 150, 3.9, 4, seconds=180.0)}, 4)
+    assert [t.met for t in bad] == [False, False, True]

@@ -234,7 +234,7 @@ def test_concurrency_1_8_1_scales_up_with_multi_flags_and_back_to_single_without
     ups = [d for d in changes if d["action"] in ("scale_up", "panic_up")]
     downs = [d for d in changes if d["action"] == "scale_down"]
     assert ups and ups[0]["current_instances"] == 1 and ups[0]["decided_instances"] >= 3
-    assert ups[0]["profile"] == "multi" and ups[0]["reason"] in ("panic", "inflight-above-target")
+    assert ups[0]["profile"] == "multi" and ups[0]["reason"] in ("panic", "step", "inflight-above-target")
     assert downs and downs[-1]["decided_instances"] == 1 and downs[-1]["reason"] == "inflight-below-target"
     assert downs[-1]["numbers"]["inflight_mean"] < 2
     metrics = scrape(serve.metrics_url + "/metrics")

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
 from tritonpilot.control.decide import Action, Decision, Reason, State, decide, observe_reload
-from tritonpilot.control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy
+from tritonpilot.control.policy import BUILTIN_PROFILES, Profile, ResolvedModelPolicy, VerifyPolicy
 from tritonpilot.control.signals import (
     GpuSample,
     InflightSample,
@@ -38,6 +38,7 @@ POLICY = ResolvedModelPolicy(
     max_step=4, cooldown_s=10.0, gpu_utilization_ceiling_ratio=0.95, gpu_memory_headroom_ratio=0.1,
     gpu_memory_headroom_bytes=0, profiles=BUILTIN_PROFILES, reload_strategy="full",
     failed_config_backoff_s=300.0, max_signal_age_s=5.0,
+    verify=VerifyPolicy(enabled=False),  # the load rules alone; tests/test_verify.py has verification
 )
 
 Load = float | Callable[[int], float] | None  # in flight; a function of the live count; None: no data
@@ -55,6 +56,10 @@ class Sim:
     gpu: GpuSample | None = None
     fail_reloads: bool = False
     triton_load: Load = None  # mean requests inside Triton (its statistics); None: no Triton sample
+    # The offered load: with service_s set, requests start at `rate` per second (default: the
+    # in-flight load / service_s, an open loop without a queue) and Triton measures service_s each.
+    service_s: float | None = None
+    rate: Load = None
     now_s: float = 0.0
     state: State = field(default_factory=State)
     last_reload: ReloadRecord | None = None
@@ -68,14 +73,19 @@ class Sim:
     def tick(self, load: Load) -> Decision:
         self._finish_reload()
         inflight_mean = load(self.instances) if callable(load) else load
+        rate = self.rate(self.instances) if callable(self.rate) else self.rate
+        if rate is None and self.service_s is not None and inflight_mean is not None:
+            rate = inflight_mean / self.service_s
         inflight = None if inflight_mean is None else InflightSample(
             at_s=self.now_s, window_s=self.interval_s, inflight_now=round(inflight_mean),
-            inflight_mean=inflight_mean, inflight_max=math.ceil(inflight_mean))
+            inflight_mean=inflight_mean, inflight_max=math.ceil(inflight_mean),
+            request_rate_per_s=rate if self.service_s is not None else None)
         gpu = replace(self.gpu, at_s=self.now_s) if self.gpu is not None else None
         triton_mean = self.triton_load(self.instances) if callable(self.triton_load) else self.triton_load
-        triton = None if triton_mean is None else TritonSample(
+        triton = None if triton_mean is None and self.service_s is None else TritonSample(
             at_s=self.now_s, window_s=self.interval_s, success_count=0, fail_count=0, queue_ns_per_request=None,
-            compute_infer_ns_per_request=None, inflight_mean=triton_mean)
+            compute_infer_ns_per_request=self.service_s * 1e9 if self.service_s is not None else None,
+            inflight_mean=triton_mean)
         signals = Signals(now_s=self.now_s, inflight=inflight,
                           config=LiveConfig(self.now_s, self.instances, dict(self.parameters)), triton=triton,
                           gpu=gpu, reload_pending=self._pending is not None, last_reload=self.last_reload)
@@ -415,12 +425,19 @@ PROPERTY_SETTINGS = settings(max_examples=int(os.environ.get("TRITONPILOT_EXAMPL
                              suppress_health_check=[HealthCheck.too_slow])
 
 
+# With a service time, the proxy also measures the arrival rate (in-flight / service time) and
+# Triton the service time: the offered-load rules (step, way down) take part.
+service_times = st.sampled_from([None, 0.02, 0.5])
+
+
 @PROPERTY_SETTINGS
 @given(pol=policies(), start=st.integers(1, 8), steps=st.lists(st.tuples(loads, st.integers(1, 40)), max_size=8),
-       reload_s=st.sampled_from([0.5, 3.0, 20.0]))
+       reload_s=st.sampled_from([0.5, 3.0, 20.0]), service_s=service_times)
 def test_counts_always_stay_within_min_max(pol: ResolvedModelPolicy, start: int,
-                                           steps: list[tuple[float | None, int]], reload_s: float) -> None:
-    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s)
+                                           steps: list[tuple[float | None, int]], reload_s: float,
+                                           service_s: float | None) -> None:
+    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s,
+              service_s=service_s)
     for load, seconds in steps:
         sim.run(until=sim.now_s + seconds, load=load)
     for d in sim.decisions:
@@ -431,10 +448,12 @@ def test_counts_always_stay_within_min_max(pol: ResolvedModelPolicy, start: int,
 
 @PROPERTY_SETTINGS
 @given(pol=policies(), start=st.integers(1, 8), steps=st.lists(st.tuples(loads, st.integers(1, 40)), max_size=8),
-       reload_s=st.sampled_from([0.5, 3.0, 20.0]))
+       reload_s=st.sampled_from([0.5, 3.0, 20.0]), service_s=service_times)
 def test_no_change_inside_a_cooldown(pol: ResolvedModelPolicy, start: int,
-                                     steps: list[tuple[float | None, int]], reload_s: float) -> None:
-    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s)
+                                     steps: list[tuple[float | None, int]], reload_s: float,
+                                     service_s: float | None) -> None:
+    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s,
+              service_s=service_s)
     for load, seconds in steps:
         sim.run(until=sim.now_s + seconds, load=load)
     times = [d.now_s for d in sim.changes()]
@@ -460,10 +479,12 @@ def test_a_decision_inside_the_cooldown_never_changes_anything(
 
 
 @PROPERTY_SETTINGS
-@given(pol=policies(), start=st.integers(1, 8), load=st.floats(0.0, 40.0), reload_s=st.sampled_from([0.5, 3.0, 20.0]))
+@given(pol=policies(), start=st.integers(1, 8), load=st.floats(0.0, 40.0), reload_s=st.sampled_from([0.5, 3.0, 20.0]),
+       service_s=service_times)
 def test_constant_load_reaches_a_fixed_point_without_flapping(
-        pol: ResolvedModelPolicy, start: int, load: float, reload_s: float) -> None:
-    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s)
+        pol: ResolvedModelPolicy, start: int, load: float, reload_s: float, service_s: float | None) -> None:
+    sim = Sim(policy=pol, instances=min(pol.max_instances, max(pol.min_instances, start)), reload_s=reload_s,
+              service_s=service_s)
     # Long enough for every move: each one takes at most a delay, a reload and a cooldown.
     per_move_s = max(pol.scale_up_delay_s, pol.scale_down_delay_s, pol.panic_window_s) + reload_s \
         + max(pol.cooldown_s, reload_s) + 2
@@ -505,17 +526,23 @@ def situations(draw: st.DrawFn) -> tuple[ResolvedModelPolicy, State, Signals]:
     return pol, state, signals
 
 
-def with_load(signals: Signals, load: float) -> Signals:
-    return replace(signals, inflight=InflightSample(signals.now_s, 1.0, round(load), load, math.ceil(load)))
+def with_load(signals: Signals, load: float, service_s: float | None = None) -> Signals:
+    """`load` in flight; with a service time, arriving at load / service_s (also over the window's end)."""
+    rate = None if service_s is None else load / service_s
+    signals = replace(signals, inflight=InflightSample(signals.now_s, 1.0, round(load), load, math.ceil(load),
+                                                       request_rate_per_s=rate, recent_rate_per_s=rate))
+    if service_s is None:
+        return signals
+    return replace(signals, triton=TritonSample(signals.now_s, 1.0, 1, 0, None, service_s * 1e9))
 
 
 @PROPERTY_SETTINGS
-@given(situation=situations(), low=st.floats(0.0, 40.0), extra=st.floats(0.0, 40.0))
+@given(situation=situations(), low=st.floats(0.0, 40.0), extra=st.floats(0.0, 40.0), service_s=service_times)
 def test_more_load_never_gives_fewer_instances(situation: tuple[ResolvedModelPolicy, State, Signals],
-                                               low: float, extra: float) -> None:
+                                               low: float, extra: float, service_s: float | None) -> None:
     pol, state, signals = situation
-    less, _ = decide(with_load(signals, low), pol, state)
-    more, _ = decide(with_load(signals, low + extra), pol, state)
+    less, _ = decide(with_load(signals, low, service_s), pol, state)
+    more, _ = decide(with_load(signals, low + extra, service_s), pol, state)
     assert more.decided_instances >= less.decided_instances, (less, more)
 
 
@@ -540,11 +567,11 @@ def test_no_data_changes_nothing(situation: tuple[ResolvedModelPolicy, State, Si
 
 
 @PROPERTY_SETTINGS
-@given(situation=situations(), load=st.floats(0.0, 40.0))
+@given(situation=situations(), load=st.floats(0.0, 40.0), service_s=service_times)
 def test_a_change_lands_in_bounds_with_the_profile_for_its_count(
-        situation: tuple[ResolvedModelPolicy, State, Signals], load: float) -> None:
+        situation: tuple[ResolvedModelPolicy, State, Signals], load: float, service_s: float | None) -> None:
     pol, state, signals = situation
-    decision, after = decide(with_load(signals, load), pol, state)
+    decision, after = decide(with_load(signals, load, service_s), pol, state)
     assume(decision.changes)
     current, decided = decision.current_instances, decision.decided_instances
     if pol.min_instances <= current <= pol.max_instances:
@@ -705,3 +732,137 @@ def test_the_reload_budget_holds_a_change_and_says_why() -> None:
     assert _panicking(None).action is Action.PANIC_UP  # no budget given: unlimited
     # Other gates come first: they say more about this model than the pod-wide budget does.
     assert _panicking(replace(free, in_progress=1), reload_pending=True).reason is Reason.RELOAD_PENDING
+
+
+# --- the offered load: arrival rate x service time (issue 10, item 7) ----------------------
+
+@dataclass
+class OpenLoop:
+    """Requests arriving at rate(t) per second, served by n instances that take service_s each,
+    one at a time: a fluid queue integrated in 10 ms steps, measured as the proxy and Triton do."""
+
+    rate: Callable[[float], float]
+    service_s: float = 0.02
+    in_system: float = 0.0
+    started: float = 0.0
+    peak_backlog: float = 0.0  # requests waiting for an instance, the most at once
+    recent_s: float = 0.25     # the loop marks the arrivals this long before each tick
+
+    def advance(self, t0: float, t1: float, n: int) -> tuple[float, float, float, float]:
+        """(mean in flight, started per s, started per s over the last recent_s, completed) over (t0, t1]."""
+        steps = round((t1 - t0) / 0.01)
+        area = started = recent = completed = 0.0
+        for i in range(steps):
+            t = t0 + i * 0.01
+            arriving = self.rate(t) * 0.01
+            done = min(self.in_system, n) / self.service_s * 0.01
+            self.in_system = max(0.0, self.in_system + arriving - done)
+            self.peak_backlog = max(self.peak_backlog, self.in_system - n)
+            area += self.in_system * 0.01
+            started += arriving
+            completed += done
+            if t >= t1 - self.recent_s - 1e-9:
+                recent += arriving
+        return area / (t1 - t0), started / (t1 - t0), recent / self.recent_s, completed
+
+
+@dataclass
+class FluidSim(Sim):
+    """Sim against an OpenLoop world: the proxy's arrivals (and the loop's late mark), in-flight
+    now and over the window, Triton's compute time per request."""
+
+    world: OpenLoop = field(default_factory=lambda: OpenLoop(lambda t: 0.0))
+
+    def tick(self, load: Load = None) -> Decision:
+        self._finish_reload()
+        mean, rate, recent, done = self.world.advance(self.now_s - self.interval_s, self.now_s, self.instances)
+        inflight = InflightSample(at_s=self.now_s, window_s=self.interval_s, inflight_now=round(self.world.in_system),
+                                  inflight_mean=mean, inflight_max=math.ceil(self.world.in_system),
+                                  request_rate_per_s=rate, recent_rate_per_s=recent,
+                                  recent_window_s=self.world.recent_s)
+        triton = TritonSample(at_s=self.now_s, window_s=self.interval_s, success_count=round(done), fail_count=0,
+                              queue_ns_per_request=None, compute_infer_ns_per_request=self.world.service_s * 1e9)
+        signals = Signals(now_s=self.now_s, inflight=inflight,
+                          config=LiveConfig(self.now_s, self.instances, dict(self.parameters)), triton=triton,
+                          reload_pending=self._pending is not None, last_reload=self.last_reload)
+        decision, self.state = decide(signals, self.policy, self.state)
+        if decision.changes:
+            assert self._pending is None, "decided a change while a reload was pending"
+            self._pending = (self.now_s + self.reload_s, decision.decided_instances, decision.profile)
+        self.decisions.append(decision)
+        return decision
+
+
+# The example policy's defaults (deploy/policy.example.yaml): interval 1 s, target 1, up 5 s,
+# down 60 s, panic 2x for 1 s, cooldown 10 s, max 4.
+EXAMPLE_DEFAULTS = POLICY
+# A reload measured before (the controller's first act gives config.pbtxt its profile): 2.8 s,
+# as the 20 ms model's full reload took in the issue.
+EARLIER_RELOAD = ReloadRecord(finished_s=-100.0, duration_s=2.8, ok=True, instances=1, profile="single")
+
+
+def step_world(low: float, high: float, up_at: float, down_at: float) -> OpenLoop:
+    return OpenLoop(lambda t: high if up_at <= t < down_at else low)
+
+
+def test_issue_10_step_up_is_seen_within_one_tick_and_met_in_one_move() -> None:
+    # 20 -> 140 requests/s of 20 ms requests, half-way through a tick.
+    world = step_world(20.0, 140.0, up_at=30.5, down_at=1e9)
+    sim = FluidSim(world=world, policy=EXAMPLE_DEFAULTS, reload_s=2.8, last_reload=EARLIER_RELOAD)
+    sim.run(until=30, load=None)
+    assert sim.changes() == [] and world.peak_backlog < 1
+    d = sim.expect(at=31, load=None, want=4, action=Action.PANIC_UP, reason=Reason.STEP)
+    # Seen at the first tick after the step, from the arrivals (140/s x 20 ms = 2.8 instances busy),
+    # before in-flight means anything: the window's mean is still ~12.
+    assert d.numbers["recent_arrival_per_s"] == pytest.approx(140.0)
+    assert d.numbers["step_at_ideal_instances"] == 2.0 and d.numbers["inflight_mean"] < 15
+    # 2.8 would be 3; the queue that builds while the reload runs (2.8 s at 90/s more than one
+    # instance serves) drained within the cooldown asks for 4.
+    assert 3 < d.numbers["step_ideal_instances"] <= 4 and d.profile.name == "multi"
+    sim.run(until=90, load=None)
+    assert [c.now_s for c in sim.changes()] == [31.0]
+    assert world.peak_backlog < 320  # what arrived during detection and the reload; the issue saw 400+
+    assert world.in_system < 4  # drained: 2.8 in flight
+
+
+def test_issue_10_the_way_down_is_one_move_to_the_steady_need_not_the_drains() -> None:
+    # 4 instances holding a backlog when the load steps down from 180 to 20/s: in-flight stays
+    # high while it drains, but the arrivals say one instance serves the new load.
+    world = step_world(20.0, 180.0, up_at=-1e9, down_at=10.0)
+    world.in_system = 300.0
+    pol = policy(scale_down_delay_s=20.0)
+    sim = FluidSim(world=world, policy=pol, instances=4, reload_s=2.8, last_reload=EARLIER_RELOAD)
+    sim.run(until=60, load=None)
+    drain = [d for d in sim.decisions if 10 < d.now_s and d.numbers["inflight_mean"] > 2.0]
+    assert drain and all(d.numbers["offered_desired_instances"] == 1 for d in drain)
+    assert [(c.current_instances, c.decided_instances, c.reason) for c in sim.changes()] == [
+        (4, 1, Reason.INFLIGHT_BELOW_TARGET)]
+    assert sim.instances == 1
+
+
+def test_without_the_offered_load_the_drain_sets_the_need_as_before() -> None:
+    # The same drain seen through in-flight alone (no arrival rate): its samples ask for 3.
+    sim = Sim(instances=4, policy=policy(scale_down_delay_s=20.0))
+    sim.run(until=10, load=6.0)
+    sim.run(until=16, load=2.5)   # draining
+    sim.run(until=60, load=0.4)
+    assert [(c.current_instances, c.decided_instances) for c in sim.changes()] == [(4, 3), (3, 1)]
+
+
+def test_a_burst_that_is_over_by_the_end_of_the_window_is_no_step() -> None:
+    # 100 requests in the first 0.2 s of a second, then 20/s again: the window's rate is high, the
+    # recent rate and the queue left are not.
+    world = OpenLoop(lambda t: 500.0 if 10.0 <= t < 10.2 else 20.0)
+    sim = FluidSim(world=world, reload_s=2.8, last_reload=EARLIER_RELOAD)
+    d = sim.run(until=11, load=None)
+    assert d.numbers["offered_arrival_per_s"] > 100 and d.numbers["recent_arrival_per_s"] == pytest.approx(20.0)
+    assert d.reason is not Reason.STEP and sim.changes() == []
+
+
+def test_a_step_within_the_band_waits_for_the_up_delay() -> None:
+    # 20 -> 80/s: 1.6 instances busy, above 1 x 1.25 but below the panic line of 2: no step.
+    world = step_world(20.0, 80.0, up_at=10.5, down_at=1e9)
+    sim = FluidSim(world=world, reload_s=2.8, last_reload=EARLIER_RELOAD)
+    sim.run(until=40, load=None)
+    first = sim.changes()[0]
+    assert first.reason in (Reason.INFLIGHT_ABOVE_TARGET, Reason.PANIC) and first.now_s > 11

@@ -80,7 +80,9 @@ class FakeTriton:
     - `reject`: config -> Triton's error message for a config it fails to load, or None;
     - `apply_loads`: False: Triton answers every load OK but keeps the old config;
     - `down`: every RPC fails as TritonUnavailable; `stats_error`: statistics fail alone;
-    - `request_ns[model]`: the model's cumulative success.ns (tests advance it: Little's law).
+    - `request_ns[model]`: the model's cumulative success.ns (tests advance it: Little's law);
+    - `compute_ns_per_request`: compute time per completed request (0: none measured, so the
+      offered load, arrival rate x service time, is not known and in-flight alone decides).
     """
 
     def __init__(self, configs: Mapping[str, dict[str, Any]]) -> None:
@@ -95,6 +97,7 @@ class FakeTriton:
         self.gates: dict[str, asyncio.Event] = {}
         self.apply_loads = True
         self.request_ns: dict[str, int] = {}
+        self.compute_ns_per_request = 0
 
     def _check_up(self, what: str) -> None:
         if self.down:
@@ -132,7 +135,7 @@ class FakeTriton:
         self.success_count += 10
         return StatsSample(inference_count=self.success_count, execution_count=self.success_count,
                            success_count=self.success_count, fail_count=0, queue_ns=self.success_count * 1000,
-                           compute_infer_ns=self.success_count * 20_000_000, last_inference_ms=0,
+                           compute_infer_ns=self.success_count * self.compute_ns_per_request, last_inference_ms=0,
                            success_ns=self.request_ns.get(model, 0))
 
 
@@ -148,6 +151,8 @@ class FakeSources:
         self._seconds: dict[str, float] = {}
         self._started: dict[str, int] = {}
         self._last_s: float | None = None
+        # Requests started per second: by default in-flight / 20 ms (an open loop, no queue).
+        self.arrival_per_s: Callable[[str], float] | None = None
 
     def proxy_snapshot(self, now_s: float) -> ProxySnapshot:
         if self.snapshot_error is not None:
@@ -157,7 +162,8 @@ class FakeSources:
         models = {}
         for name, level in self.inflight.items():
             self._seconds[name] = self._seconds.get(name, 0.0) + level * dt
-            self._started[name] = self._started.get(name, 0) + round(level * 50 * dt)  # 20 ms requests
+            rate = self.arrival_per_s(name) if self.arrival_per_s is not None else level * 50  # 20 ms requests
+            self._started[name] = self._started.get(name, 0) + round(rate * dt)
             started = self._started[name]
             models[name] = ModelSnapshot(
                 model=name, inflight=round(level), inflight_peak=round(level + 0.5),
@@ -165,6 +171,13 @@ class FakeSources:
                 latency_bucket_counts=(0,) * 5 + (started,) * (len(LATENCY_BUCKETS_S) - 4),
                 latency_sum_s=started * 0.02, latency_count=started)
         return ProxySnapshot(now_s=now_s, models=models)
+
+    def proxy_started(self, now_s: float) -> dict[str, int]:
+        """Requests started so far (the loop's mark late in each interval)."""
+        dt = now_s - self._last_s if self._last_s is not None else 0.0
+        return {name: self._started.get(name, 0) + round(
+                    (self.arrival_per_s(name) if self.arrival_per_s is not None else level * 50) * dt)
+                for name, level in self.inflight.items()}
 
     def gpu(self) -> GpuSnapshot:
         if self.gpu_snapshot is not None:
@@ -510,6 +523,7 @@ async def test_triton_errors_hold_with_no_data_and_the_loop_keeps_going() -> Non
 @scenario
 async def test_statistics_errors_alone_still_let_it_decide() -> None:
     loop = Loop()
+    loop.triton.compute_ns_per_request = 20_000_000
     loop.triton.stats_error = TritonError("reading statistics of 'm': boom (StatusCode.INTERNAL)")
     d = await loop.expect(at=6, inflight=1.6, instances=2, action=Action.SCALE_UP)
     assert "success_count" not in d.numbers
@@ -576,8 +590,9 @@ async def test_run_survives_a_failing_tick_and_paces_itself_by_the_interval() ->
     async def fake_sleep(seconds: float) -> None:
         slept.append(seconds)
         clock.now_s += seconds
-        sources.snapshot_error = RuntimeError("a bug in a source") if len(slept) == 2 else None
-        if len(slept) == 6:
+        # Two sleeps an interval: to the arrivals' mark late in it, then to its end.
+        sources.snapshot_error = RuntimeError("a bug in a source") if len(slept) in (4, 5) else None
+        if len(slept) == 12:
             raise Stop
 
     registry = CollectorRegistry()
@@ -585,13 +600,32 @@ async def test_run_survives_a_failing_tick_and_paces_itself_by_the_interval() ->
                             registry=registry, clock=clock, sleep=fake_sleep)
     with capture_logs() as logs, pytest.raises(Stop):
         await controller.run()
-    assert slept == [0.5] * 6
+    assert slept == [0.375, 0.125] * 6
     (failed,) = events(logs, "controller.tick_failed")
     assert failed["log_level"] == "error"
     # Six ticks, one failed before deciding: five decisions (the first is no-data).
     decided = sum(s.value for f in text_string_to_metric_families(generate_latest(registry).decode())
                   if f.name == "tritonpilot_decisions" for s in f.samples if s.name.endswith("_total"))
     assert decided == 5
+
+
+@scenario
+async def test_the_arrivals_marked_late_in_the_interval_give_the_next_tick_its_recent_rate() -> None:
+    loop = Loop()
+    loop.triton.compute_ns_per_request = 20_000_000
+    await loop.tick(0.5)  # 0.5 in flight of 20 ms requests: 25/s
+    loop.clock.now_s = 1.0
+    await loop.tick(0.5)
+    assert "recent_arrival_per_s" in loop.decisions[-1].numbers  # the offered load is measured ...
+    assert loop.decisions[-1].numbers["recent_arrival_per_s"] is None  # ... but no mark yet
+    loop.clock.now_s = 1.75
+    loop.controller.sample_arrivals(1.75)
+    loop.clock.now_s = 2.0
+    d = await loop.tick(0.5)
+    assert d.numbers["offered_arrival_per_s"] == 25.0 and d.numbers["recent_arrival_per_s"] == 24.0  # 6 in 0.25 s
+    loop.clock.now_s = 3.0
+    d = await loop.tick(0.5)
+    assert d.numbers["recent_arrival_per_s"] is None  # a mark from before the previous tick is not used
 
 
 @scenario

@@ -86,8 +86,13 @@ class VSim:
                                   inflight_mean=s.inflight, inflight_max=math.ceil(s.inflight),
                                   request_rate_per_s=s.arrival_per_s, latency_p95_s=s.p95_s,
                                   latency_bucket_counts=buckets(done, s.p95_s), error_count=round(s.failed_per_s))
+        # Little's law for the compute time: the busy instances (no more than are in flight) over
+        # the completions; a count past the useful one stretches each request, as contention does.
+        busy = min(self.instances, s.inflight)
+        compute_ns = busy / s.throughput_per_s * 1e9 if s.throughput_per_s > 0 else 2e7
         triton = TritonSample(at_s=self.now_s, window_s=1.0, success_count=done, fail_count=round(s.failed_per_s),
-                              queue_ns_per_request=1e6, compute_infer_ns_per_request=2e7, inflight_mean=s.inflight)
+                              queue_ns_per_request=1e6, compute_infer_ns_per_request=compute_ns,
+                              inflight_mean=s.inflight)
         profile = self.policy.profile_for(self.instances)
         signals = Signals(now_s=self.now_s, inflight=inflight, triton=triton,
                           config=LiveConfig(self.now_s, self.instances, dict(profile.parameters)),
@@ -232,22 +237,159 @@ def test_a_panic_jump_is_probed_down_to_the_lowest_count_that_serves_as_well() -
     assert (d.action, d.reason, d.numbers["wanted"]) == (Action.BLOCKED, Reason.CEILING, "panic")
 
 
-def test_a_probe_that_loses_throughput_is_reverted_to_the_lowest_count_that_held() -> None:
+def test_probing_stops_where_the_offered_load_needs_the_count_that_held() -> None:
+    # 3 useful instances serve 150/s of 20 ms requests: 3 busy. A probe to 2 could only lose,
+    # so it is not tried: 3 held, and it is the ceiling.
     sim = VSim(closed_loop(clients=8, useful=3))
     sim.run(until=200)
-    assert [c for _, _, c, _ in sim.changes()] == [4, 3, 2, 3]
-    assert [(v, then) for _, v, then in sim.verdicts()] == [
-        (Verdict.IMPROVED, "probe 3"), (Verdict.HOLDS, "probe 2"), (Verdict.WORSE, "revert to 3; ceiling")]
-    assert sim.changes()[-1][3] is Reason.VERIFY_REVERT
-    assert sim.instances == 3 and sim.state.verify.ceiling.instances == 3
+    assert [c for _, _, c, _ in sim.changes()] == [4, 3]
+    assert [(v, then) for _, v, then in sim.verdicts()] == [(Verdict.IMPROVED, "probe 3"), (Verdict.HOLDS, "probe 2")]
+    ended = [d for d in sim.decisions if "probe_ends" in d.numbers]
+    assert ended[0].numbers["probe_ends"] == "need-above-probe" and ended[0].numbers["probe_need_instances"] == 3.0
+    assert sim.instances == 3 and sim.state.verify.ceiling.instances == 3 and sim.state.verify.probe is None
 
 
-def test_a_panic_jump_that_keeps_its_gain_down_the_line_keeps_the_top_count() -> None:
-    sim = VSim(closed_loop(clients=8, useful=4))
+def test_a_panic_jump_whose_top_count_the_load_needs_is_not_probed() -> None:
+    sim = VSim(closed_loop(clients=8, useful=4))  # 200/s x 20 ms: 4 busy at 4
     sim.run(until=200)
-    assert [c for _, _, c, _ in sim.changes()] == [4, 3, 4]
-    assert [v for _, v, _ in sim.verdicts()] == [Verdict.IMPROVED, Verdict.WORSE]
+    assert [c for _, _, c, _ in sim.changes()] == [4]
+    assert [v for _, v, _ in sim.verdicts()] == [Verdict.IMPROVED]
     assert sim.instances == 4 and sim.state.verify.ceiling is None  # 4 is max_instances: nothing to hold
+
+
+def open_loop(rate_per_s: float, service_s: float = 0.02, p95_s: Callable[[int], float] | None = None) -> World:
+    """Requests arriving at a fixed rate: in flight is what the count's queue makes of it."""
+    def serving(n: int) -> Serving:
+        busy = rate_per_s * service_s
+        served = min(rate_per_s, n / service_s)
+        inflight = busy if busy < n else 10 * n  # a queue that grows: far more in flight
+        return Serving(inflight, rate_per_s, served, p95_s(n) if p95_s is not None else service_s)
+    return serving
+
+
+def test_issue_10_no_probe_down_while_the_steps_load_needs_the_top_count() -> None:
+    # The controller benchmark's high phase: 140/s of 20 ms requests at target 0.7 need 4
+    # (2.8 busy / 0.7); at 3 the p95 would grow. The jump's verdict is improved, but the probe
+    # to 3 is not tried: probing ends with 4 kept, and nothing is reverted after the load drops.
+    pol = replace(VERIFYING, target_inflight_per_instance=0.7)
+    p95 = {1: 5.0, 2: 2.0, 3: 0.04, 4: 0.023}
+    sim = VSim(open_loop(20.0), policy=pol)
+    sim.run(until=20)
+    sim.run(until=80, world=open_loop(140.0, p95_s=lambda n: p95[n]))
+    assert [(c, r) for _, _, c, r in sim.changes()] == [(4, Reason.STEP)]
+    ended = [d for d in sim.decisions if "probe_ends" in d.numbers]
+    assert len(ended) == 1 and ended[0].numbers["probe_need_instances"] == pytest.approx(4.0)
+    sim.run(until=200, world=open_loop(20.0))
+    assert [(c, r) for _, _, c, r in sim.changes()] == [(4, Reason.STEP), (1, Reason.INFLIGHT_BELOW_TARGET)]
+
+
+def test_issue_10_at_target_1_the_in_flight_need_keeps_the_top_count_too() -> None:
+    # The same step at target 1: 140/s x 20 ms of compute is 2.8, but a request spends 22.4 ms in
+    # flight (the proxy, gRPC, the backend): 3.14 in flight at 4, below saturation, needs 4.
+    def world(n: int) -> Serving:
+        if n == 1:
+            return Serving(10.0, 140, 50, 5.0)
+        return Serving(140 * 0.0224, 140, 140, 0.023 if n == 4 else 0.04)
+
+    earlier = ReloadRecord(finished_s=-100.0, duration_s=2.8, ok=True, instances=1, profile="single")
+    sim = VSim(open_loop(20.0), reload_s=2.8, last_reload=earlier)  # sizes the step for its queue: 4
+    sim.run(until=20)
+    sim.run(until=100, world=world)
+    assert [(c, r) for _, _, c, r in sim.changes()] == [(4, Reason.STEP)]
+    ended = next(d for d in sim.decisions if "probe_ends" in d.numbers)
+    assert ended.numbers["probe_need_instances"] == pytest.approx(3.136)
+
+
+def test_a_probe_waits_until_the_load_has_been_steady_for_the_settling_window() -> None:
+    def busy(n: int) -> Serving:  # 100/s of 20 ms requests: one instance queues, two serve them
+        return Serving(3.0, 100, 50, 0.1) if n == 1 else Serving(2.0, 100, 100, 0.02)
+
+    def fewer(n: int) -> Serving:  # 55/s
+        return Serving(1.1, 55, 55, 0.02)
+
+    sim = VSim(busy)
+    sim.run(until=28)
+    assert sim.changes() == [(0.0, 1, 3, Reason.STEP)]
+    # The clients slow down for the after-window's last 5 s: the window as a whole still compares
+    # with the one before (arrivals -11 %), so the jump "improved"; but the load has not been
+    # steady for 10 s, so the probe waits ...
+    sim.run(until=33, world=fewer)
+    assert [(v, then) for _, v, then in sim.verdicts()] == [(Verdict.IMPROVED, "probe 2")]
+    sim.run(until=42, world=busy)  # ... also once it is back (the tick at 34 on), for 10 s
+    waiting = [d.numbers.get("probe_waits") for d in sim.decisions if d.now_s >= 33]
+    assert set(waiting) == {"settling"} and sim.instances == 3
+    sim.run(until=80, world=busy)
+    probes = [t for t, _, c, r in sim.changes() if r is Reason.VERIFY_PROBE]
+    assert probes == [43.0] and sim.changes()[-1][2] == 2
+    # ... and judged against the window at 3 (arrivals 88.75/s): it holds, the ceiling is 2.
+    assert [v for _, v, _ in sim.verdicts()] == [Verdict.IMPROVED, Verdict.HOLDS]
+
+
+def test_a_steady_load_that_moved_since_the_jump_renews_the_probes_reference() -> None:
+    def busy(n: int) -> Serving:
+        return Serving(3.0, 100, 50, 0.1) if n == 1 else Serving(2.0, 100, 100, 0.02)
+
+    sim = VSim(busy)
+    sim.run(until=23)
+    sim.run(until=60, world=lambda n: Serving(1.1, 55, 55, 0.02))  # from 24 on: steady at 55/s
+    d = next(d for d in sim.decisions if d.reason is Reason.VERIFY_PROBE)
+    assert d.numbers["probe_reference"] == "renewed" and d.numbers["probe_need_instances"] == pytest.approx(1.1)
+
+
+def test_a_revert_whose_load_is_gone_is_dropped_and_the_verdict_is_inconclusive() -> None:
+    def world(n: int) -> Serving:  # as in the p95 test: the second instance doubles p95
+        return Serving(1.5, 50, 50, 0.03 if n == 1 else 0.06)
+    sim = VSim(world)
+    sim.run(until=37)
+    assert sim.changes() == [(5.0, 1, 2, Reason.INFLIGHT_ABOVE_TARGET)]
+    # The after-window's last tick (38) already has another load: "worse" at the old load says
+    # nothing about this one, so nothing is undone.
+    sim.run(until=45, world=lambda n: Serving(0.3, 10, 10, 0.03))
+    assert [(v, then) for _, v, then in sim.verdicts()] == [
+        (Verdict.WORSE, "revert to 1; ceiling"), (Verdict.INCONCLUSIVE, "kept; revert to 1 dropped")]
+    d = the_verdict(sim, Verdict.INCONCLUSIVE)
+    assert d.numbers["verify_inconclusive_because"] == "load changed before the revert"
+    assert d.numbers["verify_arrival_change_ratio"] < -0.25 and d.numbers["verdict"] == "inconclusive"
+    assert sim.changes() == [(5.0, 1, 2, Reason.INFLIGHT_ABOVE_TARGET)] and sim.state.verify.want is None
+    assert sim.state.verify.ceiling is None  # learned from the verdict dropped with it
+
+
+def test_a_jump_that_lost_retries_one_above_where_it_started() -> None:
+    # A CPU-bound model on 2 cores: 2 instances serve most, 4 fight over the cores and serve less
+    # than 1 did. 8 clients panic 1 -> 4; that is worse than 1, so 2 is tried against the window
+    # at 1: better, kept, and the ceiling (the load still asks for 4).
+    served = {1: 100.0, 2: 140.0, 3: 110.0, 4: 75.0}
+    sim = VSim(lambda n: Serving(8.0, served[n], served[n], 8.0 / served[n]))
+    sim.run(until=120)
+    assert [(c, r) for _, _, c, r in sim.changes()] == [(4, Reason.PANIC), (2, Reason.VERIFY_RETRY)]
+    assert [(v, then) for _, v, then in sim.verdicts()] == [(Verdict.WORSE, "retry 2"),
+                                                              (Verdict.IMPROVED, "kept; ceiling")]
+    kept = the_verdict(sim, Verdict.IMPROVED)
+    assert (kept.numbers["verify_throughput_before_per_s"], kept.numbers["verify_throughput_after_per_s"]) == (
+        100, 140)  # judged against the window before the jump
+    assert sim.instances == 2 and sim.state.verify.ceiling.instances == 2
+    assert sim.decisions[-1].reason is Reason.CEILING
+    # Had 2 lost too, it goes back to 1, the ceiling.
+    served[2] = 80.0
+    sim = VSim(lambda n: Serving(8.0, served[n], served[n], 8.0 / served[n]))
+    sim.run(until=120)
+    assert [c for _, _, c, _ in sim.changes()] == [4, 2, 1] and sim.state.verify.ceiling.instances == 1
+
+
+def test_a_scale_down_after_a_drain_is_not_worse_for_its_fewer_completions() -> None:
+    # Without the proxy (no arrival rate): the down streak's first seconds at 4 still complete a
+    # drained backlog, 150/s, while in flight is already low; at 1 the same low load completes 20/s.
+    # The lower count keeps up (0.4 in flight on 1), so fewer completions are the load's.
+    before = verify.Window(span_s=10.0, instances=4, inflight_mean=0.45, arrival_per_s=None, triton_per_s=150.0,
+                           proxy_per_s=None, p95_s=None, triton_latency_s=0.022, queue_ns_per_request=None,
+                           error_ratio=0.0)
+    after = replace(before, span_s=20.0, instances=1, inflight_mean=0.42, triton_per_s=20.0, triton_latency_s=0.021)
+    verdict, numbers = verify.judge("down", before, after, VERIFYING.verify)
+    assert verdict is Verdict.UNCHANGED and numbers["throughput_change_ratio"] < -0.8
+    # ... but a lower count that queues did lose throughput: worse.
+    busier = replace(before, inflight_mean=0.9)
+    queued = replace(after, inflight_mean=1.05)
+    assert verify.judge("down", busier, queued, VERIFYING.verify)[0] is Verdict.WORSE
 
 
 def test_without_throughput_before_a_change_its_verdict_is_inconclusive_at_once() -> None:
@@ -285,23 +427,26 @@ def test_no_load_driven_change_passes_a_ceiling_in_force(clients: list[tuple[flo
     # Every verdict has its numbers, and a revert always follows a reverting verdict at once or later.
     for d in sim.decisions:
         for o in d.verdicts:
-            assert o.numbers and (o.verdict not in verify.REVERTING or o.then.startswith("revert"))
+            assert o.numbers and (o.verdict not in verify.REVERTING or o.then.startswith(("revert", "retry")))
 
 
 # --- the loop: metric and /status --------------------------------------------------------
 
 def with_useful_instances(loop: Loop, useful: int) -> Loop:
     """FakeTriton completes 50 requests per second per instance, up to `useful` instances."""
-    done = {"count": 0}
+    done = {"count": 0, "compute_ns": 0}
 
     async def statistics(model: str) -> StatsSample:
         n = read_state(loop.triton.configs[model]).instances
         done["count"] += 50 * min(n, useful)
+        done["compute_ns"] += n * 10**9  # each of n instances busy for the second (the useful ones' share)
         return StatsSample(inference_count=done["count"], execution_count=done["count"],
                            success_count=done["count"], fail_count=0, queue_ns=done["count"] * 1000,
-                           compute_infer_ns=done["count"] * 20_000_000, last_inference_ms=0)
+                           compute_infer_ns=done["compute_ns"], last_inference_ms=0)
 
     loop.triton.statistics = statistics  # type: ignore[method-assign]
+    # A closed loop: requests start as others complete.
+    loop.sources.arrival_per_s = lambda model: 50.0 * min(read_state(loop.triton.configs[model]).instances, useful)
     return loop
 
 
@@ -331,7 +476,9 @@ async def test_the_loop_reverts_a_scale_up_without_gain() -> None:
     loop = with_useful_instances(Loop(policy=policy), useful=1)
     await loop.run(until=60, inflight=8.0)
     assert loop.live_instances() == 1
-    assert loop.metric("tritonpilot_verifications_total", model=MODEL, verdict="no-gain") == 1
+    # 1 -> 4 (panic) gained nothing; 2 was retried against the window at 1, gained nothing either.
+    assert loop.metric("tritonpilot_verifications_total", model=MODEL, verdict="no-gain") == 2
+    assert loop.metric("tritonpilot_decisions_total", model=MODEL, action="scale_down", reason="verify-retry") == 1
     assert loop.metric("tritonpilot_decisions_total", model=MODEL, action="scale_down", reason="verify-revert") == 1
     assert loop.controller.status()["models"][MODEL]["verify"]["ceiling"]["instances"] == 1
 
@@ -363,11 +510,16 @@ def test_the_verify_keys_merge_key_by_key_and_errors_name_them() -> None:
 
 def test_check_prints_the_verify_keys(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["check", str(EXAMPLE)]) == 0
-    assert "verify: off (changes are not judged, reverted or probed)" in capsys.readouterr().out  # the default
-    opted_in = tmp_path / "verify.yaml"
-    opted_in.write_text(EXAMPLE.read_text().replace("    enabled: false               # opt in",
-                                                     "    enabled: true                # opt in"))
-    assert main(["check", str(opted_in)]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out  # on by default (issue 10)
     assert "verify each change: 10s settle, then 20s against the window before; a gain is >= 10%" in out
     assert "reverted on p95 > +25%, failed share up > 1 point(s)" in out and "ceiling for 600s" in out
+    opted_out = tmp_path / "verify.yaml"
+    opted_out.write_text(EXAMPLE.read_text().replace("    enabled: true                # judge",
+                                                      "    enabled: false               # judge"))
+    assert main(["check", str(opted_out)]) == 0
+    assert "verify: off (changes are not judged, reverted or probed)" in capsys.readouterr().out
+
+
+def test_verify_is_on_by_default() -> None:
+    assert resolve(parse_policy({"models": {"m": None}}))["m"].verify.enabled is True
+    assert VerifyPolicy().enabled is True

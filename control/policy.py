@@ -216,6 +216,7 @@ Profiles = Annotated[tuple[Profile, ...], Field(min_length=1), AfterValidator(_u
 
 class TritonSection(_Frozen):
     grpc: HostPort = "127.0.0.1:8001"
+    http: HostPort = "127.0.0.1:8000"  # Triton's HTTP/REST port, where proxy.http_listen relays to
     # Triton's Prometheus endpoint: GPU data when NVML is not visible to the sidecar.
     metrics_url: HttpUrl | None = None
     # Triton serves TLS: the sidecar connects with TLS and verifies Triton's certificate
@@ -231,8 +232,16 @@ class TlsSection(_Frozen):
     client_ca: FilePath | None = None  # set: clients must present a certificate it signed (mTLS)
 
 
+def _http_listen(value: str) -> str:
+    return value if value == "off" else _check_host_port(value)
+
+
 class ProxySection(_Frozen):
     listen: HostPort = "0.0.0.0:8101"
+    # The HTTP/REST port ("off": none), relayed to triton.http.
+    http_listen: Annotated[StrictStr, AfterValidator(_http_listen)] = "0.0.0.0:8100"
+    # Relay processes sharing the client ports (serve --workers); the controller runs once.
+    workers: Annotated[StrictInt, Field(ge=1, le=256)] = 1
     # Refuse larger request messages; null = no limit (Triton's own limit still applies).
     max_message_bytes: Annotated[StrictInt, Field(ge=1, le=_INT32_MAX)] | None = None
     # Clients' RepositoryModelLoad/Unload would fight the controller, so refused by default.
@@ -262,6 +271,9 @@ class ProxySection(_Frozen):
     max_concurrent_streams: Annotated[StrictInt, Field(ge=1, le=_INT32_MAX)] | None = None
     # Triton's --grpc-restricted-protocol rules ("GROUPS:KEY=VALUE"), enforced by the proxy.
     restricted_protocols: Annotated[tuple[Annotated[StrictStr, AfterValidator(_restriction)], ...],
+                                    AfterValidator(_restrictions)] = ()
+    # Triton's --http-restricted-api rules ("APIS:KEY=VALUE", the same groups), on the HTTP port.
+    http_restricted_apis: Annotated[tuple[Annotated[StrictStr, AfterValidator(_restriction)], ...],
                                     AfterValidator(_restrictions)] = ()
     # Every model's cap on requests in flight through the proxy (null: no cap);
     # models.<name>.max_inflight overrides it.

@@ -181,3 +181,28 @@ def test_serve_configured_only_by_environment_listens_where_it_says(tmp_path: Pa
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_http_port_and_workers_come_from_the_policy_under_the_flags(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text('triton: {http: "triton-host:18000"}\n'
+                    'proxy: {http_listen: "off", workers: 3, http_restricted_apis: ["model-repository:k=v"]}\n')
+    config = _resolve(("--policy", str(path)), {})
+    assert (config.http_listen, config.triton_http, config.workers, config.http_restricted_apis) == (
+        "off", "triton-host:18000", 3, ("model-repository:k=v",))
+    config = _resolve(("--policy", str(path), "--http-listen", "127.0.0.1:18100"), {"TRITONPILOT_WORKERS": "2"})
+    assert (config.http_listen, config.workers) == ("127.0.0.1:18100", 2)
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ('proxy: {http_listen: "nowhere"}', "proxy.http_listen"),
+    ("proxy: {workers: 0}", "proxy.workers"),
+    ('proxy: {http_restricted_apis: ["nosuchgroup:k=v"]}', "proxy.http_restricted_apis"),
+    ('triton: {http: "host"}', "triton.http"),
+])
+def test_bad_http_and_worker_keys_name_their_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 text: str, key: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text + "\n")
+    assert cli.main(["check", str(path)]) == 2
+    assert key in capsys.readouterr().err

@@ -85,6 +85,7 @@ RESTART_CONFIG_KEYS: dict[str, str] = {
     "listen": "proxy.listen",
     "http_listen": "proxy.http_listen",
     "triton_http": "triton.http",
+    "workers": "proxy.workers",
     "metrics_listen": "metrics.listen",
     # The TLS files' contents are re-read on SIGHUP; their paths are fixed at start.
     "tls_cert": "proxy.tls.cert",

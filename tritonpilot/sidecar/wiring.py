@@ -18,15 +18,13 @@ from tritonpilot.sidecar.config import ControllerFactory, SidecarConfig
 
 
 def sidecar_config(policy: Policy) -> SidecarConfig:
-    # The HTTP port's keys (proxy.http_listen, proxy.http_restricted_apis, triton.http) are read
-    # where the policy has them; without them, serve's defaults and options apply.
-    d = SidecarConfig()
     return SidecarConfig(
         triton=policy.triton.grpc,
         listen=policy.proxy.listen,
-        http_listen=str(getattr(policy.proxy, "http_listen", None) or d.http_listen),
-        triton_http=str(getattr(policy.triton, "http", None) or d.triton_http),
-        http_restricted_apis=tuple(getattr(policy.proxy, "http_restricted_apis", None) or ()),
+        http_listen=policy.proxy.http_listen,
+        triton_http=policy.triton.http,
+        http_restricted_apis=policy.proxy.http_restricted_apis,
+        workers=policy.proxy.workers,
         metrics_listen=policy.metrics.listen,
         triton_metrics_url=str(policy.triton.metrics_url) if policy.triton.metrics_url else None,
         allow_client_model_control=policy.proxy.allow_client_model_control,

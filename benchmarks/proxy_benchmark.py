@@ -45,7 +45,7 @@ def main() -> int:
         listen, metrics = free_port(), free_port()
         sidecar = subprocess.Popen(
             [sys.executable, "-m", "tritonpilot", "serve", "--triton", triton.grpc_url,
-             "--listen", f"127.0.0.1:{listen}", "--metrics-listen", f"127.0.0.1:{metrics}"],
+             "--listen", f"127.0.0.1:{listen}", "--http-listen", "off", "--metrics-listen", f"127.0.0.1:{metrics}"],
             stdout=open(work / "sidecar.log", "w"), stderr=subprocess.STDOUT)
         try:
             _wait_ready(f"http://127.0.0.1:{metrics}/readyz")

@@ -223,6 +223,7 @@ class Sidecar:
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.log_path = work / "sidecar.log"
         self.cmd = [sys.executable, "-m", "tritonpilot", "serve", "--triton", triton_url, "--listen", self.url,
+                    "--http-listen", "off",  # the soak's clients are gRPC
                     "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--log-format", "json", *extra]
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(self.cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=log_file,

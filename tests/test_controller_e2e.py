@@ -328,7 +328,7 @@ def test_a_flag_value_triton_rejects_keeps_the_model_serving_and_the_controller_
         return Controller({"lin": policy}, LiveSources(stats, gpu, client), Actuator(client, timeout_s=60.0),
                           interval_s=0.5, registry=registry)
 
-    sidecar = ControlledSidecar(SidecarConfig(triton=triton.grpc_url, listen="127.0.0.1:0",
+    sidecar = ControlledSidecar(SidecarConfig(triton=triton.grpc_url, listen="127.0.0.1:0", http_listen="off",
                                               metrics_listen="127.0.0.1:0", grace_period_s=5.0), factory)
     load = LoadWorkers(sidecar.url, "lin", lin_inputs, workers=1, output="y")
     load.level = 1

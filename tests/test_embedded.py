@@ -476,3 +476,12 @@ def test_model_names_lists_model_dirs_only(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("")
     assert embedded.model_names(tmp_path) == ["a_model", "b_model"]
     assert embedded.model_names(MODELS_DIR) == sorted(MODEL_NAMES)
+
+
+def test_free_ports_are_distinct() -> None:
+    """Triton refuses to start when two of its ports are the same; free_port twice in a row can
+    return the same port (it happened), free_ports never does."""
+    from tritonpilot.ports import free_ports
+    for _ in range(20):
+        ports = free_ports(8)
+        assert len(set(ports)) == 8 and all(1 <= p <= 65535 for p in ports)

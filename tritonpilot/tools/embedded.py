@@ -40,7 +40,7 @@ import structlog
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tritonpilot.ports import free_port
+from tritonpilot.ports import free_ports
 
 log = structlog.get_logger(__name__)
 
@@ -349,10 +349,11 @@ class EmbeddedTriton:
         self.startup_timeout_s = startup_timeout_s
         # Which ports we chose ourselves: only those may be re-picked when taken.
         self._auto_ports = {"grpc": grpc_port is None, "http": http_port is None, "metrics": metrics_port is None}
+        picked = iter(free_ports(3, host))  # three at once: never the same port twice
         self._ports = {
-            "grpc": grpc_port or free_port(host),
-            "http": http_port or free_port(host),
-            "metrics": metrics_port or free_port(host),
+            "grpc": grpc_port or next(picked),
+            "http": http_port or next(picked),
+            "metrics": metrics_port or next(picked),
         }
         if log_path is None:
             log_path = Path(tempfile.mkdtemp(prefix="tritonpilot-triton-")) / "tritonserver.log"
@@ -480,8 +481,11 @@ class EmbeddedTriton:
         if taken_names:
             if not all(self._auto_ports[name] for name in taken_names):
                 return None  # a port the caller chose: theirs to fix
+            others = {port for name, port in self._ports.items() if name not in taken_names}
+            fresh = iter(port for port in free_ports(len(taken_names) + len(others), self.host)
+                         if port not in others)
             for name in taken_names:
-                self._ports[name] = free_port(self.host)
+                self._ports[name] = next(fresh)
             return f"port taken: {', '.join(taken_names)}"
         if error.exit_code is not None and error.exit_code < 0:
             return f"crashed by signal {-error.exit_code}"

@@ -30,7 +30,6 @@ Triton unreachable: every request on that connection is answered 503 at once wit
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from tritonpilot.proxy.http_core import HttpExchanges, Refusal, RequestHead
 from tritonpilot.proxy.limits import ConnectionGuard, ConnectionLimits, Observed
 from tritonpilot.proxy.restrict import Restriction
 from tritonpilot.proxy.shedding import InflightCaps, refusal_message
+from tritonpilot.proxy.sockets import listen, set_keepalive
 from tritonpilot.proxy.stats import HTTP, ModelStats, ProxyStats
 
 log = structlog.get_logger(__name__)
@@ -93,16 +93,6 @@ class HttpDoor:
         return None if head.header(name) == value else message
 
 
-def _set_keepalive(transport: asyncio.BaseTransport, keepalive_s: float | None) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is None or keepalive_s is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_s)))
-    except OSError:
-        pass
 
 
 class _Pair:
@@ -264,7 +254,7 @@ class _ClientProtocol(asyncio.Protocol):
         if not self.relay.guard.admit(self, time.monotonic()):
             transport.close()  # over --max-connections: closed unread (counted by the guard)
             return
-        _set_keepalive(transport, self.relay.options.tcp_keepalive_s)
+        set_keepalive(transport, self.relay.options.tcp_keepalive_s)
         self.pair = _Pair(self.relay, cast(asyncio.Transport, transport))
         self.relay.pairs.add(self.pair)
         self.relay.connect_upstream(self.pair)
@@ -365,13 +355,11 @@ class HttpRelay:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """reuse_port: share the port with other processes' listeners (serve --workers)."""
-        loop = asyncio.get_running_loop()
-        tls = self.options.server_ssl
-        self._server = await loop.create_server(
-            lambda: _ClientProtocol(self), host, port, reuse_address=True, reuse_port=reuse_port or None, ssl=tls,
-            ssl_handshake_timeout=(self.options.limits.preface_timeout_s or 60.0) if tls else None)
+        self._server, bound = await listen(lambda: _ClientProtocol(self), host, port, tls=self.options.server_ssl,
+                                           handshake_timeout_s=self.options.limits.preface_timeout_s,
+                                           reuse_port=reuse_port)
         self.guard.start()
-        return self._server.sockets[0].getsockname()[1]
+        return bound
 
     def connect_upstream(self, pair: _Pair) -> None:
         task = asyncio.get_running_loop().create_task(self._connect(pair))
@@ -396,7 +384,7 @@ class HttpRelay:
         if pair.closed:
             transport.close()
             return
-        _set_keepalive(transport, opts.tcp_keepalive_s)
+        set_keepalive(transport, opts.tcp_keepalive_s)
         pair.upstream_connected(transport)
 
     async def shutdown(self, grace_s: float) -> None:

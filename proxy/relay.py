@@ -15,7 +15,6 @@ Triton's own would be, and the next one reconnects.
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from tritonpilot.proxy.ledger import Ledger
 from tritonpilot.proxy.limits import ConnectionGuard, ConnectionLimits, Http2Limits, Observed
 from tritonpilot.proxy.restrict import Door, Restriction
 from tritonpilot.proxy.shedding import InflightCaps
+from tritonpilot.proxy.sockets import listen, set_keepalive
 from tritonpilot.proxy.stats import ProxyStats
 from tritonpilot.proxy.wire import GRPC_CANCELLED, GRPC_UNAVAILABLE
 
@@ -187,7 +187,7 @@ class _ClientProtocol(asyncio.Protocol):
         if not self.relay.guard.admit(self, time.monotonic()):
             transport.close()  # over --max-connections: closed unread (counted by the guard)
             return
-        _set_keepalive(transport, self.relay.options.tcp_keepalive_s)
+        set_keepalive(transport, self.relay.options.tcp_keepalive_s)
         # A stream server's transport reads and writes; uvloop's don't subclass asyncio.Transport,
         # so there is nothing to check with isinstance.
         self.pair = Pair(self.relay, cast(asyncio.Transport, transport))
@@ -261,16 +261,6 @@ class _UpstreamProtocol(asyncio.Protocol):
         self.pair.client.resume_reading()
 
 
-def _set_keepalive(transport: asyncio.BaseTransport, keepalive_s: float | None) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is None or keepalive_s is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_s)))
-    except OSError:
-        pass
 
 
 class Relay:
@@ -303,14 +293,11 @@ class Relay:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """reuse_port: share the port with other processes' listeners (serve --workers)."""
-        loop = asyncio.get_running_loop()
-        tls = self.options.server_ssl
-        self._server = await loop.create_server(
-            lambda: _ClientProtocol(self), host, port, reuse_address=True, reuse_port=reuse_port or None, ssl=tls,
-            # A client that never finishes the handshake gets the preface's deadline.
-            ssl_handshake_timeout=(self.options.limits.preface_timeout_s or 60.0) if tls else None)
+        self._server, bound = await listen(lambda: _ClientProtocol(self), host, port, tls=self.options.server_ssl,
+                                           handshake_timeout_s=self.options.limits.preface_timeout_s,
+                                           reuse_port=reuse_port)
         self.guard.start()
-        return self._server.sockets[0].getsockname()[1]
+        return bound
 
     def connect_upstream(self, client: _ClientProtocol) -> None:
         task = asyncio.get_running_loop().create_task(self._connect(client))
@@ -343,7 +330,7 @@ class Relay:
         if pair.closed:  # the client left while we were connecting
             transport.close()
             return
-        _set_keepalive(transport, self.options.tcp_keepalive_s)
+        set_keepalive(transport, self.options.tcp_keepalive_s)
         pair.upstream_connected(transport)
 
     async def _drained(self) -> None:

@@ -37,7 +37,10 @@ response messages, after Triton's response headers, which Triton sends with its 
 response; where Triton ends the stream without having sent any (trailers-only), its block
 reaches the client as the response headers, then our answers, then literal trailers with its
 status. The client's window updates for our bytes are kept from Triton, as for the health
-answers.
+answers. A stream on which Triton holds no request and has not started a response would
+wait for headers that may never come (Triton 2.51 sends none before its first response):
+a request refused there ends the whole stream at once with RESOURCE_EXHAUSTED, as a unary
+call past the cap is answered, and the stream is reset upstream.
 
 Garbage never raises out of the core: `client_data`/`upstream_data` return a `Violation`
 (the connection must close) instead.
@@ -617,7 +620,13 @@ class GrpcConnection:
         if stream.gate is not None and self.caps is not None:
             shed = self.ledger.at_cap(model, self.caps.cap, now)
             if shed is not None:
-                self._answer_on_stream(stream, request_id, refusal_message(*shed))
+                if not stream.response_started and not any(stream.pending.values()):
+                    # Triton holds nothing of this stream, so it may never start a response for
+                    # an answer to follow: the stream ends here, RESOURCE_EXHAUSTED.
+                    self.streams.pop(stream.stream_id, None)
+                    self._answer_locally(stream.stream_id, GRPC_RESOURCE_EXHAUSTED, refusal_message(*shed))
+                else:
+                    self._answer_on_stream(stream, request_id, refusal_message(*shed))
                 return False
         stream.pending.setdefault(model, deque()).append((request_id, self.ledger.started(model, now)))
         self._check_size(stream, length)

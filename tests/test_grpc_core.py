@@ -448,16 +448,31 @@ def test_stream_answers_wait_for_triton_s_headers_and_go_between_its_messages() 
 
 def test_answers_on_a_stream_triton_ends_without_headers_come_before_its_trailers() -> None:
     link = Link(GrpcRules(caps=InflightCaps(1)))
-    held = link.call(MODEL_INFER, [infer_request("m")])  # the model's one slot, elsewhere
     sid = link.call(MODEL_STREAM_INFER, [infer_request("m", "a"), infer_request("m", "b")])
-    assert link.triton_data(sid) == b""  # nothing reached Triton on the stream
+    assert link.triton_data(sid) == infer_request("m", "a")  # a took the slot, b was cut out
+    assert refusals(link, sid) == []  # b's answer waits for Triton's response to start
     link.triton.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
-                                   (b"grpc-status", b"0")], end_stream=True)  # trailers-only
+                                   (b"grpc-status", b"13")], end_stream=True)  # trailers-only
     link.pump()
-    assert [i for i, _ in refusals(link, sid)] == ["a", "b"]
-    assert link.finished("m") == {"RESOURCE_EXHAUSTED": 2} and link.inflight("m") == 1
+    assert [i for i, _ in refusals(link, sid)] == ["b"]
+    assert link.status(sid) == (b"13", "")  # Triton's status, after our answer
+    assert link.finished("m") == {"RESOURCE_EXHAUSTED": 1, "INTERNAL": 1} and link.total_inflight() == 0
+    assert windows_agree(link)
+
+
+def test_a_stream_triton_holds_nothing_of_ends_at_its_first_refusal() -> None:
+    """No request of the stream at Triton, no response started: Triton may never send headers
+    for an answer to follow, so the stream is answered RESOURCE_EXHAUSTED at once."""
+    link = Link(GrpcRules(caps=InflightCaps(1)))
+    held = link.call(MODEL_INFER, [infer_request("m")])  # the model's one slot, elsewhere
+    sid = link.call(MODEL_STREAM_INFER, [infer_request("m", "a")], end=False)
+    assert link.status(sid) == (b"8", refusal_message("m", 1))  # RESOURCE_EXHAUSTED
+    assert link.triton_data(sid) == b"" and link.triton_reset(sid)  # Triton never saw the request
+    assert link.finished("m") == {"RESOURCE_EXHAUSTED": 1} and link.inflight("m") == 1
+    # Triton's later frames on the stream still reach the client's HPACK decoder; nothing breaks.
     link.triton_answers(held, message(b"r"))
-    assert link.total_inflight() == 0 and windows_agree(link)
+    assert link.status(held) == (b"0", "") and link.total_inflight() == 0
+    assert not link.violations and windows_agree(link)
 
 
 def test_stream_requests_below_the_cap_pass_as_they_came() -> None:

@@ -182,10 +182,11 @@ def test_stream_requests_past_the_cap_are_answered_on_the_stream_and_never_reach
         client.close()
 
 
-def test_a_stream_whose_every_request_is_shed_still_gets_each_answer(
+def test_a_stream_triton_holds_nothing_of_is_refused_at_once(
         gate_triton: EmbeddedTriton, sidecar_factory, gates) -> None:
-    """Triton never answers on this stream, so its response starts only when it ends; the
-    answers still reach the client, between Triton's headers and its status."""
+    """Triton holds no request of this stream and sends no headers before its first response,
+    so a per-request answer could wait forever: the stream ends RESOURCE_EXHAUSTED at once,
+    without the client half-closing it."""
     sidecar = sidecar_factory(gate_triton.grpc_url, max_inflight=1)
     unary = grpcclient.InferenceServerClient(sidecar.url)
     stream = grpcclient.InferenceServerClient(sidecar.url)
@@ -197,18 +198,20 @@ def test_a_stream_whose_every_request_is_shed_still_gets_each_answer(
         unary.async_infer("gate", gate_inputs(gate), callback=lambda result, error: held.put(error))
         wait_until(lambda: sidecar.inflight("gate") == 1, what="the model's one slot taken")
         stream.start_stream(callback=lambda result, error: responses.put((result, error)))
-        for i in range(3):
-            stream.async_stream_infer("gate", gate_inputs(gate, [float(i)]), request_id=str(i))
-        wait_until(lambda: shed_metric(sidecar, "gate") == 3, what="3 stream requests shed")
-        stream.stop_stream()  # half-close; Triton ends the stream
-        ok, errors = stream_results(responses, 3)
-        assert ok == [] and len(errors) == 3 and all("has 1 requests in flight" in e for e in errors)
+        stream.async_stream_infer("gate", gate_inputs(gate, [0.0]), request_id="0")
+        result, error = responses.get(timeout=60)  # the stream stays open on the client's side
+        assert result is None and error is not None
+        assert error.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert error.message() == ("tritonpilot: model 'gate' has 1 requests in flight, its cap "
+                                   "(max_inflight); retry later or elsewhere")
         gates.open(gate)
         assert held.get(timeout=60) is None
         wait_until(lambda: sidecar.inflight("gate") == 0, what="in flight back to 0")
-        assert sidecar.finished("gate") == {"OK": 1, "RESOURCE_EXHAUSTED": 3}
+        assert sidecar.finished("gate") == {"OK": 1, "RESOURCE_EXHAUSTED": 1}
         assert triton_inferences(gate_triton, "gate") == before + 1
+        assert stream.is_server_ready()  # the stream's connection goes on
     finally:
+        stream.stop_stream()
         stream.close()
         unary.close()
 

@@ -157,9 +157,9 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime+stime (+ reaped children's) of the processes, in seconds."""
-    total = 0
+def cpu_user_sys(pids: list[int]) -> tuple[float, float]:
+    """(user, kernel) CPU seconds of the processes, reaped children's included."""
+    user = kernel = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -167,8 +167,14 @@ def cpu_seconds(pids: list[int]) -> float:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / CLK_TCK
+        user += int(fields[11]) + int(fields[13])  # utime cutime
+        kernel += int(fields[12]) + int(fields[14])  # stime cstime
+    return user / CLK_TCK, kernel / CLK_TCK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime (+ reaped children's) of the processes, in seconds."""
+    return sum(cpu_user_sys(pids))
 
 
 @dataclass
@@ -181,7 +187,11 @@ class Peer:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def cpu(self) -> float:
-        return cpu_seconds(descendants(self.root_pid)) if self.root_pid else 0.0
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, kernel) CPU seconds of the proxy's processes."""
+        return cpu_user_sys(descendants(self.root_pid)) if self.root_pid else (0.0, 0.0)
 
 
 def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 30) -> None:
@@ -386,14 +396,15 @@ def measure(peers: list[Peer], triton, pa: Path, env: dict[str, str], work: Path
                     peer = next(p for p in peers if p.name == name)
                     url = peer.grpc if protocol == "grpc" else peer.http
                     n0 = model_count(triton.http_url, model)
-                    c0, t0 = peer.cpu(), cpu_seconds(group_members(triton.pid))
+                    (u0, k0), t0 = peer.cpu_split(), cpu_seconds(group_members(triton.pid))
                     res = run_pa(pa, env, work, f"r{r}-{model}-{protocol}-{name}", model, protocol, url, conc,
                                  interval_ms)
-                    c1, t1 = peer.cpu(), cpu_seconds(group_members(triton.pid))
+                    (u1, k1), t1 = peer.cpu_split(), cpu_seconds(group_members(triton.pid))
                     n = model_count(triton.http_url, model) - n0
                     s = {"round": r, "model": model, "concurrency": conc, "protocol": protocol, "peer": name,
                          "requests": n, **res,
-                         "cpu_us_per_req": (c1 - c0) / n * 1e6 if n and peer.root_pid else float("nan"),
+                         "cpu_us_per_req": (u1 + k1 - u0 - k0) / n * 1e6 if n and peer.root_pid else float("nan"),
+                         "kernel_us_per_req": (k1 - k0) / n * 1e6 if n and peer.root_pid else float("nan"),
                          "triton_cpu_us_per_req": (t1 - t0) / n * 1e6 if n else float("nan")}
                     samples.append(s)
                     log(f"round {r + 1}/{rounds} {model} c{conc} {protocol:4} {name:15} {res['infer_per_s']:8.1f}/s "
@@ -429,6 +440,7 @@ def summarize(samples: list[dict]) -> list[dict]:
                      "p50_us": statistics.median(s["p50_us"] for s in mine),
                      "added_p50_us": statistics.median(added),
                      "cpu_us_per_req": statistics.median(s["cpu_us_per_req"] for s in mine),
+                     "kernel_us_per_req": statistics.median(s.get("kernel_us_per_req", float("nan")) for s in mine),
                      "triton_cpu_us_per_req": statistics.median(s["triton_cpu_us_per_req"] for s in mine),
                      "rounds": len(mine)})
     return rows
@@ -436,15 +448,16 @@ def summarize(samples: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> list[str]:
     lines = ["| model | proto | peer | infer/s | ratio to direct (min..max) | p50 us | added p50 us "
-             "| proxy CPU us/req | proxy idle CPU ms/s | Triton CPU us/req |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| proxy CPU us/req | of which kernel | proxy idle CPU ms/s | Triton CPU us/req |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cpu = "-" if r["peer"] == "direct" else f"{r['cpu_us_per_req']:.0f}"
+        kernel = "-" if r["peer"] == "direct" else f"{r.get('kernel_us_per_req', float('nan')):.0f}"
         idle = "-" if r["peer"] == "direct" else f"{r.get('idle_cpu_ms_per_s', float('nan')):.1f}"
         rng = "" if r["peer"] == "direct" else f" ({r['ratio_min']:.3f}..{r['ratio_max']:.3f})"
         lines.append(f"| {r['model']} c{r['concurrency']} | {r['protocol']} | {r['peer']} | {r['infer_per_s']:.1f} | "
-                     f"{r['ratio']:.3f}{rng} | {r['p50_us']:.0f} | {r['added_p50_us']:+.0f} | {cpu} | {idle} | "
-                     f"{r['triton_cpu_us_per_req']:.0f} |")
+                     f"{r['ratio']:.3f}{rng} | {r['p50_us']:.0f} | {r['added_p50_us']:+.0f} | {cpu} | {kernel} | "
+                     f"{idle} | {r['triton_cpu_us_per_req']:.0f} |")
     return lines
 
 

@@ -67,7 +67,7 @@ def test_rotated(peers):
 def _sample(r, model, protocol, peer, ips, p50, cpu):
     return {"round": r, "model": model, "concurrency": 4 if model == "fast" else 1, "protocol": protocol,
             "peer": peer, "requests": 100, "infer_per_s": ips, "p50_us": p50, "cpu_us_per_req": cpu,
-            "triton_cpu_us_per_req": 300.0}
+            "kernel_us_per_req": cpu / 4, "triton_cpu_us_per_req": 300.0}
 
 
 def test_summary_and_targets(peers):
@@ -91,8 +91,10 @@ def test_summary_and_targets(peers):
     assert met["tritonpilot-w1 grpc: CPU us/req <= nginx's"] is False  # 400 > 300 on sleep
     assert met["tritonpilot-w1 grpc: fast c4 (saturation) >= 0.9 of direct"] is False
     assert met["tritonpilot-w1 http: sleep (20 ms) c1 >= 0.98 of direct, added p50 <= 0.3 ms"] is True
+    assert tp["kernel_us_per_req"] == 25.0  # the kernel's share of the CPU, a column of its own
     lines = peers.table(rows)
     assert lines[0].startswith("| model |") and len(lines) == 2 + len(rows)
+    assert "| 100 | 25 |" in next(line for line in lines if "fast c4 | grpc | tritonpilot-w1" in line)
 
 
 def test_targets_without_nginx(peers):

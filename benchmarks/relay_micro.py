@@ -54,7 +54,7 @@ from tritonclient.grpc import service_pb2
 
 from tritonpilot.ports import free_port
 from tritonpilot.proxy.grpc_core import GrpcConnection, GrpcRules
-from tritonpilot.proxy.http_core import HttpExchanges, RequestHead
+from tritonpilot.proxy.http_core import HttpExchanges
 from tritonpilot.proxy.ledger import Ledger
 from tritonpilot.proxy.stats import HTTP, ProxyStats
 from tritonpilot.proxy.wire import MODEL_INFER
@@ -165,30 +165,9 @@ def record_http(calls: int) -> Reads:
     return reads
 
 
-class _Gate:
-    """What http_relay's _Pair does for the core, minus the options: count in ProxyStats."""
-
-    def __init__(self, stats: ProxyStats) -> None:
-        self.stats = stats
-
-    def admit(self, head: RequestHead, now_s: float) -> None:
-        if head.counted:
-            assert head.model is not None
-            self.stats.model(head.model, now_s, HTTP)
-
-    def begin(self, head: RequestHead, now_s: float) -> object:
-        assert head.model is not None
-        stats = self.stats.model(head.model, now_s, HTTP)
-        stats.begin(now_s)
-        return stats
-
-    def end(self, token: object, status: int, now_s: float, duration_s: float | None) -> None:
-        token.end(now_s, status, duration_s)  # type: ignore[attr-defined]
-
-
 def replay_http(reads: Reads, exchanges: type[HttpExchanges] = HttpExchanges) -> ProxyStats:
     stats = ProxyStats()
-    core = exchanges(_Gate(stats))
+    core = exchanges(Ledger(stats, HTTP))  # as http_relay's _Pair makes it, with the default rules
     now = 0.0
     for from_client, data in reads:
         now += 1e-5

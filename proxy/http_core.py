@@ -13,7 +13,7 @@ What it reads:
   the hot path, and h11 is a whole-connection state machine that can't relay pipelined
   requests (its client side allows one request at a time) nor keep bytes verbatim.
   The head is held until complete (bounded by `max_head_bytes`: 431 and close past it),
-  then forwarded, or answered by the proxy (`Gate`);
+  then forwarded, or answered by the proxy (`HttpRules`, below);
 - each body's framing (Content-Length, chunked), read here to know where the next
   request starts, strictly: both Content-Length and Transfer-Encoding, several lengths
   that differ, or a Transfer-Encoding other than chunked get 400 and a closed connection,
@@ -28,10 +28,23 @@ The core never raises on bad bytes: a malformed request gets 400 (after the resp
 owed to earlier requests) and the connection closes; Triton sending something that is
 not HTTP closes both sides.
 
-Counting goes through the `Gate` the core is given: `admit` at each request head (a
-refusal the proxy answers itself, or None), `begin` for requests that count in flight
-(inference: /v2/models/<m>[/versions/<v>]/infer|generate|generate_stream), `end` when the
-response's last byte has passed, or the connection closed first.
+What the proxy answers itself, at the request head, in Triton's format, in this order
+(`HttpRules`; the shell swaps them live with `reconfigure`): 403 for a restricted API
+without its header (as Triton's --http-restricted-api answers), 403 for client model
+control unless allowed, 413 for a Content-Length past max_message_bytes, 503 and close
+while Triton is unreachable (`upstream_unreachable`), 429 for an inference request whose
+model is at its cap (shedding.py); and 503 and close once draining (`goaway`).
+
+Counting goes to the connection's ledger (ledger.py, protocol "http"), the one place where
+both relays' in-flight counts move. Inference requests (/v2/models/<m>[/versions/<v>]/
+infer|generate|generate_stream) count, per model: `started` at the head, `ended` with the
+response's HTTP status once its last byte has passed (the code label is the status, e.g.
+"200"). Shed (429) is the ledger's `at_cap`: counted, never in flight; 503 for Triton
+unreachable counts as the gRPC relay counts its UNAVAILABLE answers (started and ended at
+once). The other answers of the proxy's own count nowhere. When the connection ends
+(`client_closed`, `upstream_closed`, a malformed body, garbage from Triton), the ledger's
+`lost` ends whatever is still open: 499 (client gone), 502 (Triton gone), untimed, so
+nothing stays in flight.
 """
 
 from __future__ import annotations
@@ -41,11 +54,15 @@ import functools
 import json
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple
 
 import httptools
 
+from tritonpilot.proxy.ledger import HTTP_TOO_MANY_REQUESTS, Ledger, Ticket
+from tritonpilot.proxy.restrict import Restriction
+from tritonpilot.proxy.shedding import InflightCaps, refusal_message
 from tritonpilot.proxy.stats import HTTP_CLIENT_CLOSED, HTTP_UPSTREAM_FAILED
 
 # Triton's own routes (server src/http_server.cc, HTTPAPIServer::Handle), matched on the
@@ -66,6 +83,13 @@ _MAX_TRAILER_BYTES = 64 * 1024
 _REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 413: "Payload Too Large",
             429: "Too Many Requests", 431: "Request Header Fields Too Large", 501: "Not Implemented",
             503: "Service Unavailable"}
+
+# Triton unreachable: what it answers and counts (the HTTP status of gRPC's UNAVAILABLE).
+HTTP_UNAVAILABLE = 503
+
+MODEL_CONTROL_REFUSAL = ("tritonpilot: model control is reserved for the tritonpilot controller, which owns "
+                         "the model lifecycle; start the sidecar with --allow-client-model-control to let "
+                         "clients load and unload models")
 
 
 @functools.lru_cache(maxsize=256)  # pure; clients repeat a few paths (bounded: paths come from them)
@@ -100,8 +124,9 @@ def route(path: str) -> tuple[str | None, str | None, str | None]:
     return None, None, None
 
 
-@dataclass(frozen=True)
-class RequestHead:
+class RequestHead(NamedTuple):
+    """A request's head, as read. Immutable; a NamedTuple rather than a frozen dataclass because
+    one is made per request, and a frozen dataclass's __init__ costs twice a tuple's."""
     method: bytes                          # b"POST"
     target: bytes                          # the request target as sent, query included
     path: str                              # the target without its query
@@ -133,14 +158,42 @@ class Refusal:
     untyped: bool = False
 
 
-class Gate(Protocol):
-    """What the core asks, synchronously, about each request (http_relay.py's is the stats)."""
+_DRAINING = Refusal(HTTP_UNAVAILABLE, "tritonpilot: the proxy is shutting down this connection; retry", close=True)
 
-    def admit(self, head: RequestHead, now_s: float) -> Refusal | None: ...
 
-    def begin(self, head: RequestHead, now_s: float) -> object: ...
+class HttpDoor:
+    """Triton's --http-restricted-api rules by protocol group (the same groups as gRPC's):
+    a request of a restricted group without the header `KEY: VALUE` gets what Triton answers,
+    403 `{"error":"This API is restricted, expecting header 'KEY'"}` (server
+    src/http_server.cc, RespondIfRestricted, Triton 2.51)."""
 
-    def end(self, token: object, status: int, now_s: float, duration_s: float | None) -> None: ...
+    __slots__ = ("_by_group",)
+
+    def __init__(self, restrictions: Sequence[Restriction]) -> None:
+        self._by_group: dict[str, tuple[bytes, bytes, str]] = {}
+        for r in restrictions:
+            message = f"This API is restricted, expecting header '{r.key}'"
+            for group in r.groups:
+                self._by_group[group] = (r.key.lower().encode(), r.value.encode(), message)
+
+    def refusal(self, head: RequestHead) -> str | None:
+        rule = self._by_group.get(head.group) if head.group is not None else None
+        if rule is None:
+            return None
+        name, value, message = rule
+        return None if head.header(name) == value else message
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRules:
+    """What the core enforces at each request head; the shell swaps them live (a policy reload)."""
+    allow_client_model_control: bool = False
+    # None = no limit: a Content-Length past it is answered 413 (chunked bodies are not measured).
+    max_message_bytes: int | None = None
+    # Triton's --http-restricted-api rules; None = none.
+    door: HttpDoor | None = None
+    # Per-model caps on requests in flight (shedding.py); None = no cap.
+    caps: InflightCaps | None = None
 
 
 def error_response(status: int, message: str, close: bool = False, untyped: bool = False) -> bytes:
@@ -370,8 +423,7 @@ def _head_end(buf: bytearray, start: int) -> int:
 class Exchange:
     """One request and its response, in the connection's FIFO."""
     head: RequestHead | None
-    started_s: float
-    token: object = None           # the Gate's, for requests counted in flight
+    ticket: Ticket | None = None   # the ledger's, for requests counted in flight
     answer: bytes | None = None    # the proxy's own answer; None: Triton answers
     close_after: bool = False
     status: int | None = None      # the final status, once Triton's head is read
@@ -384,11 +436,14 @@ class _Side:
 
 
 class HttpExchanges:
-    """One client connection and its upstream connection, without I/O."""
+    """One client connection and its upstream connection, without I/O. `ledger`: the
+    connection's (ledger.Ledger(stats, "http")), which counts its requests."""
 
-    def __init__(self, gate: Gate, max_head_bytes: int = 64 * 1024) -> None:
-        self.gate = gate
+    def __init__(self, ledger: Ledger, rules: HttpRules | None = None, max_head_bytes: int = 64 * 1024) -> None:
+        self.ledger = ledger
+        self.reconfigure(rules if rules is not None else HttpRules())
         self.max_head_bytes = max_head_bytes
+        self.unreachable: str | None = None  # why Triton can't be reached: every request gets 503
         self.fifo: deque[Exchange] = deque()
         self._req = _Side()
         self._resp = _Side()
@@ -407,6 +462,16 @@ class HttpExchanges:
         self.draining = False           # goaway(): new requests are answered 503 and the connection closes
         self.closed = False
         self.abort_reason: str | None = None
+
+    def reconfigure(self, rules: HttpRules) -> None:
+        """New rules for the requests whose head arrives from now on."""
+        self.rules = rules
+        self.caps = rules.caps if rules.caps is not None and rules.caps.enabled else None
+
+    def upstream_unreachable(self, reason: str) -> None:
+        """Triton can't be reached: every request is answered 503 with `reason`, and the
+        connection closes, so the client's next connection tries Triton again."""
+        self.unreachable = reason
 
     # ---- output -------------------------------------------------------------------------
 
@@ -515,8 +580,7 @@ class HttpExchanges:
         group, model, kind = route(path)
         head = RequestHead(method, target, path, tuple(headers), group, model, kind)
         self.requests_seen += 1
-        refusal = (Refusal(503, "tritonpilot: the proxy is shutting down this connection; retry", close=True)
-                   if self.draining else self.gate.admit(head, now_s))
+        refusal = _DRAINING if self.draining else self._refusal(head, now_s)
         if refusal is not None:
             # Expect: 100-continue and a refusal: the client may or may not send the body.
             close = refusal.close or (not body.done and head.header(b"expect") is not None)
@@ -527,9 +591,9 @@ class HttpExchanges:
                 return
             self._dropping = True
         else:
-            exchange = Exchange(head, now_s)
-            if head.counted:
-                exchange.token = self.gate.begin(head, now_s)
+            exchange = Exchange(head)
+            if model is not None and kind in INFERENCE_KINDS:  # head.counted
+                exchange.ticket = self.ledger.started(model, now_s)
             self.fifo.append(exchange)
             self._forwarded_open += 1
             self._out_up.append(raw)
@@ -538,8 +602,37 @@ class HttpExchanges:
         else:
             self._dropping = False
 
+    def _refusal(self, head: RequestHead, now_s: float) -> Refusal | None:
+        """What the proxy answers this request itself (counted where it counts), or None."""
+        rules = self.rules
+        if rules.door is not None:
+            message = rules.door.refusal(head)
+            if message is not None:
+                return Refusal(403, message, untyped=True)
+        if head.kind in ("load", "unload") and head.method == b"POST" and not rules.allow_client_model_control:
+            return Refusal(403, MODEL_CONTROL_REFUSAL)
+        if rules.max_message_bytes is not None:
+            length = head.header(b"content-length")
+            if length is not None and length.isdigit() and int(length) > rules.max_message_bytes:
+                return Refusal(413, f"tritonpilot: request body larger than max "
+                                    f"({int(length)} vs. {rules.max_message_bytes})")
+        if self.unreachable is not None:
+            if head.counted:
+                assert head.model is not None
+                # As the gRPC relay counts its UNAVAILABLE answers: a request that started and
+                # ended at once (it counts in the latency histogram, as Triton answering at once).
+                ledger = self.ledger
+                ledger.ended(ledger.started(head.model, now_s), HTTP_UNAVAILABLE, now_s)
+            return Refusal(HTTP_UNAVAILABLE, self.unreachable, close=True)
+        if self.caps is not None and head.counted:
+            assert head.model is not None
+            shed = self.ledger.at_cap(head.model, self.caps.cap, now_s)
+            if shed is not None:
+                return Refusal(HTTP_TOO_MANY_REQUESTS, refusal_message(*shed))
+        return None
+
     def _queue_answer(self, head: RequestHead | None, now_s: float, answer: bytes, close: bool) -> None:
-        self.fifo.append(Exchange(head, now_s, answer=answer, close_after=close))
+        self.fifo.append(Exchange(head, answer=answer, close_after=close))
         self._flush_answers()
 
     def _refuse_connection(self, status: int, message: str, now_s: float) -> None:
@@ -634,9 +727,9 @@ class HttpExchanges:
     def _response_done(self, now_s: float) -> None:
         exchange = self.fifo.popleft()
         self._forwarded_open -= 1
-        if exchange.token is not None:
+        if exchange.ticket is not None:
             status = exchange.status if exchange.status is not None else HTTP_UPSTREAM_FAILED
-            self.gate.end(exchange.token, status, now_s, now_s - exchange.started_s)
+            self.ledger.ended(exchange.ticket, status, now_s)
         self._flush_answers()
         if self._held and not self._forwarded_open and not self.closed and not self.client_done:
             self._release_held(now_s)
@@ -658,10 +751,8 @@ class HttpExchanges:
         self._abort(now_s, HTTP_UPSTREAM_FAILED)
 
     def _abort(self, now_s: float, status: int, reason: str | None = None) -> None:
-        """Both connections close; every request still open ends with `status`."""
-        for exchange in self.fifo:
-            if exchange.token is not None:
-                self.gate.end(exchange.token, status, now_s, None)
+        """Both connections close; every request still open ends with `status`, untimed."""
+        self.ledger.lost(status, now_s)
         self.fifo.clear()
         self._forwarded_open = 0
         self._held = bytearray()

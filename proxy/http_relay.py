@@ -1,8 +1,11 @@
 """The HTTP/REST relay for Triton's HTTP port: the asyncio shell around http_core.py.
 
 Each client connection gets its own upstream connection to Triton's HTTP port; bytes are
-relayed unchanged (http_core.HttpExchanges finds where messages start and end, and
-counts). Backpressure: a side that can't write pauses reading on the other.
+relayed unchanged (http_core.HttpExchanges finds where messages start and end, answers
+what the proxy answers itself, and counts through the connection's ledger, ledger.py, as
+the gRPC relay does). This shell only does I/O: sockets, time, logs, and the rules it
+hands the core (`HttpRules`, swapped live on every open connection by `reconfigure`).
+Backpressure: a side that can't write pauses reading on the other.
 
 The front door, as on the gRPC port:
 - TLS on the client side (tls.ServerTls with ALPN http/1.1); Triton's HTTP port is plaintext;
@@ -32,27 +35,24 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import cast
 
 import structlog
 
-from tritonpilot.proxy.http_core import HttpExchanges, Refusal, RequestHead
+from tritonpilot.proxy.http_core import HttpDoor, HttpExchanges, HttpRules
+from tritonpilot.proxy.ledger import Ledger
 from tritonpilot.proxy.limits import ConnectionGuard, ConnectionLimits, Observed
 from tritonpilot.proxy.restrict import Restriction
-from tritonpilot.proxy.shedding import InflightCaps, refusal_message
+from tritonpilot.proxy.shedding import InflightCaps
 from tritonpilot.proxy.sockets import listen, set_keepalive
-from tritonpilot.proxy.stats import HTTP, ModelStats, ProxyStats
+from tritonpilot.proxy.stats import HTTP, ProxyStats
 
 log = structlog.get_logger(__name__)
 
 # Client bytes held while the upstream connection is being made; past this, reading pauses.
 _EARLY_LIMIT_BYTES = 1 << 20
-
-MODEL_CONTROL_REFUSAL = ("tritonpilot: model control is reserved for the tritonpilot controller, which owns "
-                         "the model lifecycle; start the sidecar with --allow-client-model-control to let "
-                         "clients load and unload models")
 
 
 @dataclass(frozen=True)
@@ -73,86 +73,27 @@ class HttpRelayOptions:
     max_inflight: InflightCaps | None = None
 
 
-class HttpDoor:
-    """Triton's --http-restricted-api rules by protocol group (the same groups as gRPC's)."""
-
-    __slots__ = ("_by_group",)
-
-    def __init__(self, restrictions: Sequence[Restriction]) -> None:
-        self._by_group: dict[str, tuple[bytes, bytes, str]] = {}
-        for r in restrictions:
-            message = f"This API is restricted, expecting header '{r.key}'"
-            for group in r.groups:
-                self._by_group[group] = (r.key.lower().encode(), r.value.encode(), message)
-
-    def refusal(self, head: RequestHead) -> str | None:
-        rule = self._by_group.get(head.group) if head.group is not None else None
-        if rule is None:
-            return None
-        name, value, message = rule
-        return None if head.header(name) == value else message
-
-
+def _rules(options: HttpRelayOptions) -> HttpRules:
+    return HttpRules(allow_client_model_control=options.allow_client_model_control,
+                     max_message_bytes=options.max_message_bytes,
+                     door=HttpDoor(options.restricted_apis) if options.restricted_apis else None,
+                     caps=options.max_inflight)
 
 
 class _Pair:
-    """A client connection, its upstream connection and their core; also the core's Gate."""
+    """A client connection, its upstream connection and their core."""
 
     def __init__(self, relay: HttpRelay, client: asyncio.Transport) -> None:
         self.relay = relay
-        self.stats = relay.stats
         self.client = client
         self.upstream: asyncio.Transport | None = None
-        self.core = HttpExchanges(self, relay.options.max_head_bytes)
+        self.core = HttpExchanges(Ledger(relay.stats, HTTP), relay.rules, relay.options.max_head_bytes)
         self.early: list[bytes] = []
         self.early_bytes = 0
         self.connected = False
-        self.unreachable: str | None = None
         self.held_paused = False
         self.closed = False
         self.done = asyncio.get_running_loop().create_future()
-
-    # ---- the Gate (http_core) -----------------------------------------------------------
-
-    def admit(self, head: RequestHead, now_s: float) -> Refusal | None:
-        relay = self.relay
-        if relay.door is not None:
-            message = relay.door.refusal(head)
-            if message is not None:
-                return Refusal(403, message, untyped=True)
-        opts = relay.options
-        if head.kind in ("load", "unload") and head.method == b"POST" and not opts.allow_client_model_control:
-            return Refusal(403, MODEL_CONTROL_REFUSAL)
-        if opts.max_message_bytes is not None:
-            length = head.header(b"content-length")
-            if length is not None and length.isdigit() and int(length) > opts.max_message_bytes:
-                return Refusal(413, f"tritonpilot: request body larger than max "
-                                    f"({int(length)} vs. {opts.max_message_bytes})")
-        if head.counted:
-            assert head.model is not None
-            stats = self.stats.model(head.model, now_s, HTTP)
-            if self.unreachable is not None:
-                stats.begin(now_s)
-                stats.end(now_s, 503, 0.0)
-                return Refusal(503, self.unreachable, close=True)
-            caps = relay.caps
-            if caps is not None:
-                cap = caps.cap(stats.model)
-                if cap is not None and stats.inflight >= cap:
-                    stats.refused(429)
-                    return Refusal(429, refusal_message(stats.model, cap))
-        elif self.unreachable is not None:
-            return Refusal(503, self.unreachable, close=True)
-        return None
-
-    def begin(self, head: RequestHead, now_s: float) -> object:
-        assert head.model is not None
-        stats = self.stats.model(head.model, now_s, HTTP)
-        stats.begin(now_s)
-        return stats
-
-    def end(self, token: object, status: int, now_s: float, duration_s: float | None) -> None:
-        cast(ModelStats, token).end(now_s, status, duration_s)
 
     # ---- bytes --------------------------------------------------------------------------
 
@@ -170,7 +111,8 @@ class _Pair:
 
     def upstream_connected(self, transport: asyncio.Transport | None, unreachable: str | None = None) -> None:
         self.upstream = transport
-        self.unreachable = unreachable
+        if unreachable is not None:
+            self.core.upstream_unreachable(unreachable)
         self.connected = True
         early, self.early = self.early, []
         if self.early_bytes > _EARLY_LIMIT_BYTES:
@@ -233,8 +175,8 @@ class _Pair:
     def close(self) -> None:
         if self.closed:
             return
-        if not self.core.closed and self.core.open_requests:
-            self.core.client_closed(time.monotonic())  # whatever is still open ends as 499
+        if not self.core.closed:
+            self.core.client_closed(time.monotonic())  # whatever is still open ends as 499 (ledger.lost)
         self.closed = True
         self.client.close()
         if self.upstream is not None:
@@ -342,12 +284,13 @@ class HttpRelay:
 
     def _apply(self, options: HttpRelayOptions) -> None:
         self.options = options
-        self.door = HttpDoor(options.restricted_apis) if options.restricted_apis else None
-        caps = options.max_inflight
-        self.caps = caps if caps is not None and caps.enabled else None
+        self.rules = _rules(options)
+        for pair in self.pairs:
+            pair.core.reconfigure(self.rules)
 
     def reconfigure(self, **changes: object) -> None:
-        """Swap options the relay takes live (LIVE_OPTIONS); requests from now on see them."""
+        """Swap options the relay takes live (LIVE_OPTIONS); requests from now on see them,
+        on every connection, open or new."""
         unknown = set(changes) - self.LIVE_OPTIONS
         if unknown:
             raise ValueError(f"not live options: {', '.join(sorted(unknown))} (a restart takes them)")

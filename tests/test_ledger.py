@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tritonpilot.proxy.ledger import Ledger
 from tritonpilot.proxy.shedding import InflightCaps
-from tritonpilot.proxy.stats import MAX_MODELS, UNKNOWN_MODEL, ProxyStats
+from tritonpilot.proxy.stats import GRPC, HTTP, HTTP_CLIENT_CLOSED, MAX_MODELS, UNKNOWN_MODEL, ProxyStats
 
 CANCELLED, RESOURCE_EXHAUSTED, UNAVAILABLE = 1, 8, 14
 
@@ -110,6 +110,37 @@ def test_another_protocol_names_itself_to_the_stats() -> None:
     ledger.ended(ledger.started("m", 1.0), 0, 2.0)
     assert seen == [("m", "http")]
     assert Ledger(ProxyStats()).protocol == "grpc"
+
+
+def test_an_http_ledger_counts_http_statuses_and_sheds_with_429() -> None:
+    stats = ProxyStats()
+    ledger = Ledger(stats, protocol=HTTP)
+    ledger.ended(ledger.started("m", 1.0), 200, 1.5)
+    open_one = ledger.started("m", 2.0)
+    assert ledger.at_cap("m", InflightCaps(1).cap, 2.0) == ("m", 1)
+    assert ledger.lost(HTTP_CLIENT_CLOSED, 3.0) == 1 and ledger.open == set()
+    ledger.ended(open_one, 200, 4.0)  # too late: lost ended it
+    snap = stats.snapshot(5.0).protocols[("m", HTTP)]
+    assert (snap.inflight, snap.started_total, snap.latency_count) == (0, 3, 1)
+    assert snap.finished_total == {"200": 1, "429": 1, "499": 1}
+    assert ("m", GRPC) not in stats.snapshot(5.0).protocols
+
+
+def test_both_protocols_share_a_models_in_flight_and_its_cap() -> None:
+    stats = ProxyStats()
+    grpc, http = Ledger(stats), Ledger(stats, protocol=HTTP)
+    cap = InflightCaps(2).cap
+    grpc.started("m", 1.0)
+    http.started("m", 1.0)
+    assert http.at_cap("m", cap, 1.0) == ("m", 2) and grpc.at_cap("m", cap, 1.0) == ("m", 2)
+    http.lost(HTTP_CLIENT_CLOSED, 2.0)
+    assert model(stats, "m").inflight == 1 and grpc.at_cap("m", cap, 2.0) is None
+    assert model(stats, "m").finished_total == {"429": 1, "RESOURCE_EXHAUSTED": 1, "499": 1}
+
+
+def test_a_protocol_without_a_shed_code_is_refused_at_once() -> None:
+    with pytest.raises(KeyError):
+        Ledger(ProxyStats(), protocol="smtp")
 
 
 # (operation, model index) sequences: start a request, end one of the open ones (possibly a

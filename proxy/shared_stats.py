@@ -24,9 +24,17 @@ Slots 0 and 1 are (UNKNOWN_MODEL, grpc) and (UNKNOWN_MODEL, http): a name that d
 NAME_BYTES, or any name once the slots are full, counts there (as ProxyStats does past
 MAX_MODELS).
 
-The table is a file in /dev/shm mapped by every process (what multiprocessing.shared_memory
-does, without its resource tracker, which in Python 3.11 unlinks a block when a spawned
-child that attached it exits). Stores are plain 8-byte aligned writes: readers on x86-64
+The table is a file with no name, mapped by every process: a memfd on Linux (elsewhere a
+temporary file unlinked as soon as it is made: only a kill between the two leaves it). The
+parent keeps its descriptor and hands a copy to each worker it spawns (`TableHandle`,
+pickled with the spawn arguments, as multiprocessing passes a Pipe). No name means nothing
+to leak and nothing to sweep: however the processes end (SIGKILL, OOM kill, a crash), the
+memory goes back when the last process mapping it exits, and there is no stale file in
+/dev/shm for a later start to find or to mistake for its own (pid namespaces make an owner
+pid in a file name unreliable anyway). Workers notice the parent's death by their pipe's
+end of file, drain and exit (sidecar/workers.py). Not multiprocessing.shared_memory: its
+resource tracker, in Python 3.11, unlinks a block when a spawned child that attached it
+exits, and its blocks have names. Stores are plain 8-byte aligned writes: readers on x86-64
 and arm64 never see a torn cell. The blob's sequence lock is read-retry; a row whose blob
 cannot be read consistently keeps the reader's previous copy.
 
@@ -93,17 +101,57 @@ class _Layout:
         return self.blob_at + BLOB_BYTES
 
 
-class SharedStatsTable:
-    """The mapped table: `create` in the parent, `attach` in a worker (by path)."""
+@dataclass(frozen=True)
+class TableHandle:
+    """What a worker attaches the table by: its descriptor, rows and slots. Pickled for a
+    spawned process, the descriptor goes along (multiprocessing.reduction.DupFd)."""
 
-    def __init__(self, path: str, rows: int, slots: int, owner: bool) -> None:
-        self.path, self.rows, self.slots, self.owner = path, rows, slots, owner
+    fd: int
+    rows: int
+    slots: int
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+        return _rebuild_handle, (reduction.DupFd(self.fd), self.rows, self.slots)
+
+
+def _rebuild_handle(dup: Any, rows: int, slots: int) -> TableHandle:
+    return TableHandle(dup.detach(), rows, slots)
+
+
+MEMFD_NAME = "tritonpilot-stats"  # what /proc/PID/maps shows: /memfd:tritonpilot-stats (deleted)
+
+
+def _nameless_file(size: int) -> int:
+    """A descriptor of a file of `size` bytes (sparse: pages cost memory once written) that
+    no name refers to, so nothing is left behind when the processes holding it are gone."""
+    try:
+        fd = os.memfd_create(MEMFD_NAME)  # close-on-exec: spawned workers get it explicitly
+    except (AttributeError, OSError):  # not Linux, or a sandbox without memfd
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        fd, path = tempfile.mkstemp(prefix=MEMFD_NAME + "-", dir=base)
+        os.unlink(path)
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class SharedStatsTable:
+    """The mapped table: `create` in the parent, `attach` in a worker (by `handle()`)."""
+
+    def __init__(self, fd: int, rows: int, slots: int, owner: bool) -> None:
+        """Maps `fd`; the owner keeps it (for the workers it spawns later), a worker closes it."""
+        self.rows, self.slots, self.owner = rows, slots, owner
         self.layout = _Layout(slots)
-        fd = os.open(path, os.O_RDWR)
         try:
             self._map = mmap.mmap(fd, rows * self.layout.row_bytes)
         finally:
-            os.close(fd)
+            if not owner:
+                os.close(fd)
+        self._fd = fd if owner else -1
         self._rows = [memoryview(self._map)[i * self.layout.row_bytes:(i + 1) * self.layout.row_bytes]
                       for i in range(rows)]
         lay = self.layout
@@ -115,20 +163,24 @@ class SharedStatsTable:
 
     @classmethod
     def create(cls, rows: int, slots: int = DEFAULT_SLOTS) -> SharedStatsTable:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        fd, path = tempfile.mkstemp(prefix="tritonpilot-stats-", dir=base)
+        fd = _nameless_file(rows * _Layout(slots).row_bytes)
         try:
-            os.ftruncate(fd, rows * _Layout(slots).row_bytes)  # sparse: pages cost memory once written
-        finally:
+            table = cls(fd, rows, slots, owner=True)
+        except BaseException:
             os.close(fd)
-        table = cls(path, rows, slots, owner=True)
+            raise
         for row in range(rows):
             table.clear(row)
         return table
 
+    def handle(self) -> TableHandle:
+        """The owner's: what a worker attaches by (pass it to the spawned process)."""
+        assert self.owner and self._fd >= 0, "only the table's creator hands it out"
+        return TableHandle(self._fd, self.rows, self.slots)
+
     @classmethod
-    def attach(cls, path: str, rows: int, slots: int = DEFAULT_SLOTS) -> SharedStatsTable:
-        return cls(path, rows, slots, owner=False)
+    def attach(cls, handle: TableHandle) -> SharedStatsTable:
+        return cls(handle.fd, handle.rows, handle.slots, owner=False)
 
     def clear(self, row: int) -> None:
         """Only while no worker writes the row (before its worker starts, after it died)."""
@@ -215,11 +267,9 @@ class SharedStatsTable:
             for view in views:
                 view.release()
         self._map.close()
-        if self.owner:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # ------------------------------------------------------------------------------ the worker's side

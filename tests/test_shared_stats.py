@@ -1,16 +1,27 @@
 """The shared-memory counters of `serve --workers N` (proxy/shared_stats.py), in memory:
-one writer per row, the reader's sums, a dead worker's row retired, the slots full."""
+one writer per row, the reader's sums, a dead worker's row retired, the slots full; a
+spawned process attaches the table by its handle, and the table never has a name."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tritonpilot.proxy.limits import ConnectionsSnapshot
-from tritonpilot.proxy.shared_stats import SharedProxyStats, SharedStatsReader, SharedStatsTable
+from tritonpilot.proxy.shared_stats import (
+    MEMFD_NAME,
+    SharedProxyStats,
+    SharedStatsReader,
+    SharedStatsTable,
+    TableHandle,
+)
 from tritonpilot.proxy.stats import GRPC, HTTP, UNKNOWN_MODEL
 
 
@@ -192,3 +203,48 @@ def test_an_idle_worker_publishes_only_what_changed(table: SharedStatsTable) -> 
     assert snap.models["m"].started_total == 1 and snap.models["m"].inflight_seconds == pytest.approx(0.5)
     a.publish(1.75, ConnectionsSnapshot(open=1, refused_total={}, goaway_total={}), force=True)
     assert reader.snapshot(10.0).models["m"].inflight_seconds == pytest.approx(0.5)
+
+
+def _begin_in_a_worker(handle: TableHandle, conn: Connection) -> None:
+    """A spawned worker's part: one call of `m` in flight in row 1, then wait to be told to end it."""
+    table = SharedStatsTable.attach(handle)
+    stats = SharedProxyStats(table, 1)
+    stats.model("m", 0.0).begin(0.0)
+    conn.send("begun")
+    conn.recv()
+    stats.model("m", 1.0).end(1.0, 0, 1.0)
+    table.close()
+
+
+def table_maps(inode: int) -> list[str]:
+    """This process's mappings of the file with that inode."""
+    return [line for line in Path("/proc/self/maps").read_text().splitlines()
+            if MEMFD_NAME in line and int(line.split()[4]) == inode]
+
+
+def test_a_spawned_process_attaches_by_the_handle_and_the_table_has_no_name() -> None:
+    table = SharedStatsTable.create(rows=2, slots=6)
+    inode = os.fstat(table.handle().fd).st_ino
+    try:
+        # Mapped, yet no name refers to it: nothing is left behind however the processes end.
+        assert table_maps(inode) and all(line.endswith("(deleted)") for line in table_maps(inode))
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        child = context.Process(target=_begin_in_a_worker, args=(table.handle(), theirs), daemon=True)
+        child.start()
+        theirs.close()
+        try:
+            assert ours.poll(60) and ours.recv() == "begun"
+            reader = SharedStatsReader(table)
+            assert reader.snapshot(0.5).models["m"].inflight == 1  # written by the other process
+            ours.send("end")
+            child.join(60)
+            assert child.exitcode == 0
+            assert reader.snapshot(1.0).models["m"].inflight == 0
+        finally:
+            if child.is_alive():
+                child.kill()
+                child.join(10)
+    finally:
+        table.close()
+    assert table_maps(inode) == []  # unmapped here; the memory went with its last mapping

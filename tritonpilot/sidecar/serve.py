@@ -205,7 +205,7 @@ class Sidecar:
 
         config = new.config
         if self.pool is not None:
-            self.pool.reconfigure(config)
+            self.pool.reconfigure(config, [str(c) for c in diff.live])
         elif self.relays is not None:
             self.relays.reconfigure(config)
         self.config = config  # grace_period_s is read at shutdown

@@ -9,9 +9,17 @@ the same ports with SO_REUSEPORT, so the kernel spreads new connections over the
 - Ports: the parent binds each client port itself first (SO_REUSEPORT, not listening: the
   kernel gives it no connection), which reserves the port and resolves port 0, and keeps
   it bound until it stops.
-- Messages, parent -> worker, over a Pipe each: the reloaded config (live relay settings),
-  a TLS reload. Worker -> parent: "ready" once it listens. A closed pipe (the parent
-  died) makes the worker drain and exit.
+- Messages, parent -> worker, over a Pipe each: the reloaded config (live relay settings,
+  applied to open connections too; logged by each worker as `worker.reconfigured`), a TLS
+  reload (`worker.tls_reloaded`). SIGHUP goes to the parent alone (workers ignore it): it
+  reloads the policy and the TLS files and sends them on. What needs a restart in one
+  process (listeners, connection and HTTP/2 limits: sidecar/reload.py) needs one here too.
+  A worker restarted later starts with the reloaded config and reads the TLS files as they
+  are then. Worker -> parent:
+  "ready" once it listens.
+- The parent's death, even by SIGKILL: each worker's pipe reads end of file, and the worker
+  drains (open calls finish within the grace period) and exits. The shared table has no
+  name (proxy/shared_stats.py): nothing is left behind.
 - SIGTERM: the parent sends SIGTERM to every worker; each drains within the grace
   period as a single-process sidecar does, publishes its last counts and exits 0.
 - A worker that dies is logged and restarted after a backoff (0.5 s, doubling to 10 s
@@ -26,6 +34,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -38,7 +47,13 @@ from tritonpilot.proxy.limits import ConnectionsSnapshot
 from tritonpilot.proxy.metrics import summed_connections
 from tritonpilot.proxy.relay import Relay, RelayOptions
 from tritonpilot.proxy.restrict import parse_restrictions
-from tritonpilot.proxy.shared_stats import PUBLISH_PERIOD_S, SharedProxyStats, SharedStatsReader, SharedStatsTable
+from tritonpilot.proxy.shared_stats import (
+    PUBLISH_PERIOD_S,
+    SharedProxyStats,
+    SharedStatsReader,
+    SharedStatsTable,
+    TableHandle,
+)
 from tritonpilot.proxy.shedding import InflightCaps
 from tritonpilot.proxy.stats import ProxyStats
 from tritonpilot.proxy.tls import ALPN_HTTP1, ServerTls, TlsError, upstream_context
@@ -137,9 +152,7 @@ class RelaySet:
 class WorkerSpec:
     config: SidecarConfig
     row: int
-    table_path: str
-    rows: int
-    slots: int
+    table: TableHandle  # its descriptor travels with the pickled spec
     grpc_port: int | None  # None: no gRPC listener (--no-proxy is not run with workers)
     http_port: int | None
 
@@ -156,7 +169,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
 async def _worker(spec: WorkerSpec, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
-    table = SharedStatsTable.attach(spec.table_path, spec.rows, spec.slots)
+    table = SharedStatsTable.attach(spec.table)
     stats = SharedProxyStats(table, spec.row)
     config = spec.config
     relays = RelaySet(config, stats)
@@ -173,13 +186,17 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> None:
             stop.set()
             return
         if kind == "reconfigure":
-            config = payload
+            config, changes = payload
             relays.reconfigure(config)
+            # Each worker says it took the reload: the parent's policy.reload says what was sent.
+            log.info("worker.reconfigured", changes=list(changes))
         elif kind == "reload_tls":
             try:
                 relays.reload_tls()
             except TlsError as exc:
                 log.error("worker.tls_reload_failed", error=str(exc), kept="the previous certificate")
+                return
+            log.info("worker.tls_reloaded")
 
     host, _ = parse_host_port(config.listen, "--listen")
     if spec.grpc_port is not None:
@@ -285,7 +302,7 @@ class WorkerPool:
     def _spawn(self, row: int) -> None:
         loop = asyncio.get_running_loop()
         parent_end, child_end = self._context.Pipe()
-        spec = WorkerSpec(self.config, row, self.table.path, self.table.rows, self.table.slots, *self._ports)
+        spec = WorkerSpec(self.config, row, self.table.handle(), *self._ports)
         process = self._context.Process(target=worker_main, args=(spec, child_end), name=f"tritonpilot-worker-{row}",
                                         daemon=True)
         process.start()
@@ -353,9 +370,10 @@ class WorkerPool:
             except OSError:  # it is dying: its successor starts with the current config
                 pass
 
-    def reconfigure(self, config: SidecarConfig) -> None:
+    def reconfigure(self, config: SidecarConfig, changes: Sequence[str] = ()) -> None:
+        """A reloaded policy's config to every worker (`changes`: what changed, for their logs)."""
         self.config = config  # a restarted worker starts with it
-        self._send(("reconfigure", config))
+        self._send(("reconfigure", (config, tuple(changes))))
 
     def reload_tls(self) -> None:
         self._send(("reload_tls", None))

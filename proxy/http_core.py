@@ -417,6 +417,14 @@ def _head_end(buf: bytearray, start: int) -> int:
     return -1 if i < 0 else i + 4
 
 
+def with_connection_close(head: bytes) -> bytes:
+    """A response head (ending in a blank line) with `Connection: close` in place of any
+    Connection header it had."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() != b"connection"]
+    return b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
+
+
 # ---- one client connection -----------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -685,10 +693,11 @@ class HttpExchanges:
             if not self.fifo or self.fifo[0].answer is not None:
                 raise Malformed("Triton sent a response no request waits for")
             exchange = self.fifo[0]
+            head_at = -1  # where the head starts in data, when all of it is in this read
             if not side.buf and (end := data.find(b"\r\n\r\n", pos)) >= 0:
                 end += 4  # the whole head is in this read (as for requests)
                 raw = data[pos:end]
-                pos = end
+                head_at, pos = pos, end
             else:
                 before = len(side.buf)
                 side.buf += view[pos:]
@@ -713,6 +722,14 @@ class HttpExchanges:
             if status < 200:
                 continue  # interim (100 Continue): forwarded, the request stays open
             exchange.status = status
+            last = len(self.fifo) == 1 and not self._held and not self.mid_request
+            if self.draining and head_at >= 0 and last:
+                # The last response this connection owes: say that the connection closes after
+                # it, so that the client does not send its next request into the close.
+                if head_at > start:
+                    self._out_client.append(data[start:head_at])
+                self._out_client.append(with_connection_close(raw))
+                start = pos
             method = exchange.head.method if exchange.head is not None else b"GET"
             body = response_body(method, status, headers)
             if body.done:

@@ -259,6 +259,26 @@ def test_goaway_closes_when_idle_and_answers_later_requests_503() -> None:
     assert conn.core.close_client
 
 
+def test_the_last_response_a_draining_connection_owes_says_connection_close() -> None:
+    conn = Conn()
+    conn.feed(INFER)
+    conn.core.goaway()
+    _, down = conn.feed(upstream=OK_BODY)
+    assert down == (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                    b"Connection: close\r\n\r\n{}")
+    assert conn.core.close_client and conn.finished() == {"200": 1}
+    # Triton's own Connection header is replaced, not repeated.
+    conn = Conn()
+    conn.feed(INFER)
+    conn.core.goaway()
+    _, down = conn.feed(upstream=b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}")
+    assert down == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    # Not draining: the head passes as it came.
+    conn = Conn()
+    conn.feed(INFER)
+    assert conn.feed(upstream=OK_BODY)[1] == OK_BODY and not conn.core.close_client
+
+
 def test_101_switching_protocols_turns_into_a_tunnel() -> None:
     conn = Conn()
     conn.feed(b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")

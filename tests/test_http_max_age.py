@@ -126,9 +126,10 @@ def test_an_aged_connection_finishes_its_request_in_flight_then_closes(aged_side
     conn, gate = held_past_the_age(sidecar, gates)
     try:
         gates.open(gate)
-        status, _, body = conn.response()
+        status, headers, body = conn.response()
         assert status == 200
         assert json.loads(body)["outputs"][0]["data"] == [1.0, 2.0]
+        assert headers.get("connection") == "close"  # the client knows not to send more here
         assert conn.closed_by_proxy()  # nothing more owed: the proxy closes it
     finally:
         conn.close()

@@ -4,16 +4,18 @@ Run it with `bash scripts/bench-peers` (about 10 minutes; --short: one round of 
 One embedded Triton serves `fast` (returns at once, "~1 ms") and `sleep` (20 ms) from
 deploy/demo_models. In front of it, all at once on free ports: tritonpilot (`serve`, 1 and
 `--workers 2` relay processes), nginx (grpc_pass / proxy_pass, one worker) and HAProxy (h2 /
-HTTP/1.1, one thread), each with keep-alive to Triton and logging off. The client is NVIDIA's
+HTTP/1.1, one thread), each with keep-alive to Triton and logging off, and `uvloop-pipe`
+(benchmarks/pipe_relay.py: tritonpilot's event loop and callbacks piping bytes, reading
+nothing: what any relay built that way costs before it parses). The client is NVIDIA's
 perf_analyzer (tritonclient 2.40.0), the same for every peer: gRPC and HTTP, `fast` at
 concurrency 4 (saturation on 2 cores) and `sleep` at concurrency 1. Peers alternate within
 each round, the order rotated every round, and the table gives medians over rounds of
 per-round figures (ratios and added p50 are against direct in the same round).
 
-CPU per request of a proxy: utime+stime (from /proc) of its processes and their children
-over the whole perf_analyzer run, divided by the requests Triton counted for the model over
-that run (its statistics API, read directly); perf_analyzer's warm-up is thus included on
-both sides.
+CPU per request of a proxy: utime+stime (from /proc; the kernel's part, stime, also alone) of
+its processes and their children over the whole perf_analyzer run, divided by the requests
+Triton counted for the model over that run (its statistics API, read directly);
+perf_analyzer's warm-up is thus included on both sides.
 """
 
 from __future__ import annotations
@@ -346,6 +348,11 @@ def start_peers(stack: ExitStack, work: Path, triton, workers: list[int], only: 
         proc = stack.enter_context(_process(cmd, work / f"{name}.log", [g, h, m], name))
         _ready(f"http://127.0.0.1:{m}/readyz", proc)
         peers.append(Peer(name, f"127.0.0.1:{g}", f"127.0.0.1:{h}", proc.pid))
+    if not only or "uvloop-pipe" in only:  # the floor: the same event loop, reading nothing
+        g, h = free_port(), free_port()
+        proc = stack.enter_context(_process([sys.executable, str(ROOT / "benchmarks" / "pipe_relay.py"), f"{g}:{tg}",
+                                             f"{h}:{th}"], work / "uvloop-pipe.log", [g, h], "uvloop-pipe"))
+        peers.append(Peer("uvloop-pipe", f"127.0.0.1:{g}", f"127.0.0.1:{h}", proc.pid))
     if not only or "nginx" in only:
         nginx = _apt_install("nginx", "nginx-light")
         if nginx is None:
@@ -524,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tritonpilot-workers", default="1,2",
                         help="comma-separated --workers values, one tritonpilot peer each (default 1,2)")
     parser.add_argument("--peers", default="", help="only these peers besides direct, comma-separated "
-                        "(tritonpilot, tritonpilot-wN, nginx, haproxy; default: all)")
+                        "(tritonpilot, tritonpilot-wN, uvloop-pipe, nginx, haproxy; default: all)")
     parser.add_argument("--idle-s", type=float, default=5.0,
                         help="seconds of no load over which each proxy's own background CPU is read first")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="'-': write no file")

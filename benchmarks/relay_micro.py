@@ -2,6 +2,9 @@
 
     python benchmarks/relay_micro.py [--calls 2000] [--rounds 7] [--profile grpc|http]
     python benchmarks/relay_micro.py --against OLD/grpc_core.py   # or OLD/http_core.py: A/B
+    python benchmarks/relay_micro.py --against-tree OLD   # OLD/proxy: a copy of all of proxy/
+    python benchmarks/relay_micro.py --grpc-reads FILE --http-reads FILE   # recorded reads
+    python benchmarks/relay_micro.py --record-reads DIR    # record them from a real serve
     python benchmarks/relay_micro.py --idle-cpu [--rounds 3]
     python benchmarks/relay_micro.py --syscalls [--rounds 3] [--strace]
 
@@ -16,6 +19,14 @@ busy machine count less), the median of the rounds (and min, max).
 --against FILE: another version of grpc_core.py or http_core.py (a copy from before a
 change; which one is told by its file name, grpc_core*.py or http_core*.py), replayed
 in rounds interleaved with the current one, so that a noisy machine slows both alike.
+--against-tree DIR: the same for a copy of the whole proxy/ package in DIR/proxy (changes
+that span the core, wire.py, ledger.py and stats.py), imported under another name.
+
+--record-reads DIR: the reads a real `serve --workers 1` sees, between perf_analyzer (fast,
+concurrency 4) and an embedded Triton, recorded in the relay process (a sitecustomize that
+wraps the shells' from_client / from_upstream) into DIR/grpc.pickle and DIR/http.pickle;
+--grpc-reads / --http-reads FILE replay such a recording instead of the synthetic reads
+(grpc's C core sends a WINDOW_UPDATE per call and one per connection that h2 does not).
 
 --idle-cpu: `tritonpilot serve --workers 2` in front of a closed port, no clients: the CPU
 (utime + stime from /proc) its whole process tree spends over 10 s, per round, after 5 s
@@ -36,16 +47,22 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import importlib.util
 import json
 import os
+import pickle
 import pstats
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import h2.config
 import h2.connection
@@ -68,7 +85,21 @@ _RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc"),
                      ("grpc-accept-encoding", "identity, deflate, gzip")]
 _TRAILERS = [("grpc-status", "0")]
 
-Reads = list[tuple[bool, bytes]]  # (from the client?, the bytes of one socket read)
+Reads = list[tuple[bool, bytes]]  # one connection's: (from the client?, the bytes of one socket read)
+Recording = list[Reads]  # connections, replayed one after the other
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The classes a replay runs: the current proxy/, or a copy of an older one (--against-tree)."""
+    GrpcConnection: type
+    GrpcRules: type
+    HttpExchanges: type
+    Ledger: type
+    ProxyStats: type
+
+
+CURRENT = Tree(GrpcConnection, GrpcRules, HttpExchanges, Ledger, ProxyStats)
 
 
 def _grpc_message(payload: bytes) -> bytes:
@@ -131,22 +162,23 @@ def record_grpc(calls: int, concurrency: int) -> Reads:
     return reads
 
 
-def replay_grpc(reads: Reads, connection: type[GrpcConnection] = GrpcConnection) -> ProxyStats:
-    stats = ProxyStats()
-    conn = connection(GrpcRules(), Ledger(stats), 0.0)
-    to_upstream, to_client = conn.to_upstream, conn.to_client
-    client_data, upstream_data = conn.client_data, conn.upstream_data
+def replay_grpc(conns: Recording, tree: Tree = CURRENT) -> ProxyStats:
+    stats = tree.ProxyStats()
     now = 0.0
-    for from_client, data in reads:
-        now += 1e-5
-        if from_client:
-            violation = client_data(data, now)
-        else:
-            violation = upstream_data(data, now)
-        if violation is not None:
-            raise RuntimeError(violation)
-        to_upstream.clear()
-        to_client.clear()
+    for reads in conns:
+        conn = tree.GrpcConnection(tree.GrpcRules(), tree.Ledger(stats), now)
+        to_upstream, to_client = conn.to_upstream, conn.to_client
+        client_data, upstream_data = conn.client_data, conn.upstream_data
+        for from_client, data in reads:
+            now += 1e-5
+            if from_client:
+                violation = client_data(data, now)
+            else:
+                violation = upstream_data(data, now)
+            if violation is not None:
+                raise RuntimeError(violation)
+            to_upstream.clear()
+            to_client.clear()
     return stats
 
 
@@ -165,69 +197,192 @@ def record_http(calls: int) -> Reads:
     return reads
 
 
-def replay_http(reads: Reads, exchanges: type[HttpExchanges] = HttpExchanges) -> ProxyStats:
-    stats = ProxyStats()
-    core = exchanges(Ledger(stats, HTTP))  # as http_relay's _Pair makes it, with the default rules
+def replay_http(conns: Recording, tree: Tree = CURRENT) -> ProxyStats:
+    stats = tree.ProxyStats()
     now = 0.0
-    for from_client, data in reads:
-        now += 1e-5
-        if from_client:
-            core.client_data(data, now)
-        else:
-            core.upstream_data(data, now)
-        core.take_upstream()
-        core.take_client()
-        if core.closed:
-            raise RuntimeError(core.abort_reason)
+    for reads in conns:
+        core = tree.HttpExchanges(tree.Ledger(stats, HTTP))  # as http_relay's _Pair makes it, default rules
+        for from_client, data in reads:
+            now += 1e-5
+            if from_client:
+                core.client_data(data, now)
+            else:
+                core.upstream_data(data, now)
+            core.take_upstream()
+            core.take_client()
+            if core.closed:
+                raise RuntimeError(core.abort_reason)
     return stats
+
+
+def _started(stats: ProxyStats) -> int:
+    return sum(m.started_total for m in stats.snapshot(0.0).models.values())
 
 
 def _finished(stats: ProxyStats) -> int:
     return sum(sum(m.finished_total.values()) for m in stats.snapshot(0.0).models.values())
 
 
-def measure(name: str, reads: Reads, replay: Callable[[Reads], ProxyStats], calls: int, rounds: int) -> float:
-    if _finished(replay(reads)) != calls:  # a warm-up round that also checks the replay counts
-        raise RuntimeError(f"{name}: the replay did not count {calls} requests")
+def measure(name: str, conns: Recording, replay: Callable[[Recording], ProxyStats], rounds: int) -> float:
+    calls = _started(replay(conns))  # a warm-up round that also counts the requests
     per_call_us = []
     for _ in range(rounds):
         start = time.process_time()
-        replay(reads)
+        replay(conns)
         per_call_us.append((time.process_time() - start) * 1e6 / calls)
     median = statistics.median(per_call_us)
     print(f"{name:5s} {median:7.1f} us/request  (median of {rounds}; min {min(per_call_us):.1f}, "
-          f"max {max(per_call_us):.1f}; {calls} calls, {len(reads)} reads)")
+          f"max {max(per_call_us):.1f}; {calls} calls, {sum(map(len, conns))} reads)")
     return median
 
 
-def against(path: str, reads: Reads, calls: int, rounds: int) -> None:
-    """The current core and the one in `path` (a grpc_core.py or an http_core.py), rounds
-    interleaved, their order alternating."""
+def _interleaved(name: str, conns: Recording, new: Callable[[Recording], ProxyStats],
+                 old: Callable[[Recording], ProxyStats], rounds: int, label: str) -> None:
+    """new and old, rounds interleaved, their order alternating: a noisy machine slows both alike."""
+    calls = _started(new(conns))
+    if _started(old(conns)) != calls:
+        raise RuntimeError(f"{label}: the replays counted different requests")
+    times: dict[str, list[float]] = {"new": [], "old": []}
+    for i in range(rounds):
+        order = [("new", new), ("old", old)]
+        for which, replay in order if i % 2 == 0 else order[::-1]:
+            start = time.process_time()
+            replay(conns)
+            times[which].append((time.process_time() - start) * 1e6 / calls)
+    after, before = statistics.median(times["new"]), statistics.median(times["old"])
+    low_after, low_before = min(times["new"]), min(times["old"])
+    print(f"{name}  old {before:.1f} -> new {after:.1f} us/request ({(after - before) / before:+.1%}; "
+          f"min {low_before:.1f} -> {low_after:.1f}, {(low_after - low_before) / low_before:+.1%}; medians of "
+          f"{rounds} interleaved rounds, {calls} calls; old: {label})")
+
+
+def against(path: str, conns: Recording, rounds: int) -> None:
+    """The current core and the one in `path` (a grpc_core.py or an http_core.py)."""
     http = Path(path).name.startswith("http_core")
     spec = importlib.util.spec_from_file_location("relay_micro_against", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    new: Callable[[Reads], ProxyStats]
     if http:
-        new, old = replay_http, (lambda r: replay_http(r, module.HttpExchanges))
+        tree = Tree(GrpcConnection, GrpcRules, module.HttpExchanges, Ledger, ProxyStats)
+        _interleaved("http", conns, replay_http, lambda c: replay_http(c, tree), rounds, path)
     else:
-        new, old = replay_grpc, (lambda r: replay_grpc(r, module.GrpcConnection))
-    for replay in (new, old):
-        if _finished(replay(reads)) != calls:
-            raise RuntimeError(f"{path}: the replay did not count {calls} requests")
-    times: dict[str, list[float]] = {"new": [], "old": []}
-    for i in range(rounds):
-        order = [("new", new), ("old", old)]
-        for name, replay in order if i % 2 == 0 else order[::-1]:
-            start = time.process_time()
-            replay(reads)
-            times[name].append((time.process_time() - start) * 1e6 / calls)
-    after, before = statistics.median(times["new"]), statistics.median(times["old"])
-    name = "http" if http else "grpc"
-    print(f"{name}  old {before:.1f} -> new {after:.1f} us/request ({(after - before) / before:+.0%}; "
-          f"medians of {rounds} interleaved rounds, {calls} calls; old: {path})")
+        tree = Tree(module.GrpcConnection, module.GrpcRules, HttpExchanges, Ledger, ProxyStats)
+        _interleaved("grpc", conns, replay_grpc, lambda c: replay_grpc(c, tree), rounds, path)
+
+
+def load_tree(path: str) -> Tree:
+    """A copy of the proxy package (path/proxy/*.py), imported as relay_micro_old.proxy: its
+    modules import each other by that name, so that every one of them is the old one."""
+    root = Path(tempfile.mkdtemp(prefix="relay-micro-tree-"))
+    package = root / "relay_micro_old" / "proxy"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    for source in (Path(path) / "proxy").glob("*.py"):
+        (package / source.name).write_text(re.sub(r"\btritonpilot\.proxy\b", "relay_micro_old.proxy",
+                                                  source.read_text()))
+    sys.path.insert(0, str(root))
+
+    def module(name: str) -> ModuleType:
+        return importlib.import_module(f"relay_micro_old.proxy.{name}")
+
+    grpc_core, http_core = module("grpc_core"), module("http_core")
+    return Tree(grpc_core.GrpcConnection, grpc_core.GrpcRules, http_core.HttpExchanges, module("ledger").Ledger,
+                module("stats").ProxyStats)
+
+
+def against_tree(path: str, grpc_conns: Recording, http_conns: Recording, rounds: int) -> None:
+    tree = load_tree(path)
+    _interleaved("grpc", grpc_conns, replay_grpc, lambda c: replay_grpc(c, tree), rounds, path)
+    _interleaved("http", http_conns, replay_http, lambda c: replay_http(c, tree), rounds, path)
+
+
+# Loaded into `serve` by --record-reads (a sitecustomize on its PYTHONPATH): what each core's
+# client_data / upstream_data is handed, per connection, into $RELAY_MICRO_RECORD at exit.
+_RECORDER = """
+import atexit, os, pickle
+from tritonpilot.proxy.grpc_core import GrpcConnection
+from tritonpilot.proxy.http_core import HttpExchanges
+
+_recorded = {"grpc": [], "http": []}
+_left = [200000]
+
+
+def _wrap(cls, protocol):
+    client_data, upstream_data = cls.client_data, cls.upstream_data
+
+    def reads(core):
+        if "recorded_reads" not in core.__dict__:
+            core.recorded_reads = []
+            _recorded[protocol].append(core.recorded_reads)
+        return core.recorded_reads
+
+    def from_client(self, data, now_s):
+        if _left[0] > 0:
+            _left[0] -= 1
+            reads(self).append((True, bytes(data)))
+        return client_data(self, data, now_s)
+
+    def from_upstream(self, data, now_s):
+        if _left[0] > 0:
+            _left[0] -= 1
+            reads(self).append((False, bytes(data)))
+        return upstream_data(self, data, now_s)
+
+    cls.client_data, cls.upstream_data = from_client, from_upstream
+
+
+_wrap(GrpcConnection, "grpc")
+_wrap(HttpExchanges, "http")
+
+
+@atexit.register
+def _dump():
+    for protocol, conns in _recorded.items():
+        with open(os.path.join(os.environ["RELAY_MICRO_RECORD"], protocol + ".pickle"), "wb") as out:
+            pickle.dump([c for c in conns if c], out)
+"""
+
+
+def record_reads(out_dir: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from contextlib import ExitStack
+
+    import peers  # benchmarks/peers.py: perf_analyzer and the peers' start-up
+
+    from tritonpilot.tools.embedded import EmbeddedTriton
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pa, env = peers.perf_analyzer()
+    work = Path(tempfile.mkdtemp(prefix="tritonpilot-relay-micro-"))
+    (work / "recorder").mkdir()
+    (work / "recorder" / "sitecustomize.py").write_text(_RECORDER)
+    with ExitStack() as stack:
+        triton = stack.enter_context(EmbeddedTriton(peers.ROOT / "deploy" / "demo_models", load_models=["fast"],
+                                                    log_path=work / "triton.log"))
+        saved = dict(os.environ)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(work / "recorder"), saved.get("PYTHONPATH")]))
+        os.environ["RELAY_MICRO_RECORD"] = str(out)
+        try:
+            relay = peers.start_peers(stack, work, triton, [1], {"tritonpilot"})[0][1]
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        for protocol in ("grpc", "http"):
+            peers.run_pa(pa, env, work, f"record-{protocol}", "fast", protocol,
+                         relay.grpc if protocol == "grpc" else relay.http, 4, 2000)
+    for protocol in ("grpc", "http"):  # the relay wrote them on its way out
+        with open(out / f"{protocol}.pickle", "rb") as f:
+            conns = pickle.load(f)
+        print(f"{protocol}: {len(conns)} connections, {sum(map(len, conns))} reads -> {out / protocol}.pickle")
+
+
+def load_reads(path: str) -> Recording:
+    with open(path, "rb") as f:
+        conns: Recording = pickle.load(f)
+    return conns
 
 
 def _tree(root: int) -> dict[int, float]:
@@ -354,6 +509,10 @@ def main() -> None:
     parser.add_argument("--idle-cpu", action="store_true", help="serve --workers 2's CPU while idle instead")
     parser.add_argument("--syscalls", action="store_true", help="syscalls and wake-ups per request, end to end")
     parser.add_argument("--strace", action="store_true", help="with --syscalls: a breakdown under strace -c")
+    parser.add_argument("--against-tree", metavar="DIR", help="A/B against a copy of all of proxy/ in DIR/proxy")
+    parser.add_argument("--record-reads", metavar="DIR", help="record a real serve's reads into DIR instead")
+    parser.add_argument("--grpc-reads", metavar="FILE", help="replay these recorded gRPC reads (--record-reads)")
+    parser.add_argument("--http-reads", metavar="FILE", help="replay these recorded HTTP reads (--record-reads)")
     args = parser.parse_args()
     if args.syscalls:
         syscalls(args.rounds, args.strace)
@@ -361,23 +520,33 @@ def main() -> None:
     if args.idle_cpu:
         idle_cpu(args.rounds)
         return
-    grpc_reads = record_grpc(args.calls, args.concurrency)
-    http_reads = record_http(args.calls)
+    if args.record_reads:
+        record_reads(args.record_reads)
+        return
+    grpc_reads = load_reads(args.grpc_reads) if args.grpc_reads else [record_grpc(args.calls, args.concurrency)]
+    http_reads = load_reads(args.http_reads) if args.http_reads else [record_http(args.calls)]
+    for name, conns, replay in (("grpc", grpc_reads, replay_grpc), ("http", http_reads, replay_http)):
+        if (name == "grpc" and not args.grpc_reads or name == "http" and not args.http_reads) and \
+                _finished(replay(conns)) != args.calls:
+            raise RuntimeError(f"{name}: the replay did not count {args.calls} requests")
     if args.against:
         http = Path(args.against).name.startswith("http_core")
-        against(args.against, http_reads if http else grpc_reads, args.calls, args.rounds)
+        against(args.against, http_reads if http else grpc_reads, args.rounds)
+        return
+    if args.against_tree:
+        against_tree(args.against_tree, grpc_reads, http_reads, args.rounds)
         return
     if args.profile:
-        reads, replay = (grpc_reads, replay_grpc) if args.profile == "grpc" else (http_reads, replay_http)
+        conns, replay = (grpc_reads, replay_grpc) if args.profile == "grpc" else (http_reads, replay_http)
+        calls = _started(replay(conns))
         profile = cProfile.Profile()
-        profile.runcall(replay, reads)
+        profile.runcall(replay, conns)
         stats = pstats.Stats(profile).sort_stats("tottime")
-        print(f"{stats.total_calls / args.calls:.0f} Python calls per request")  # type: ignore[attr-defined]
+        print(f"{stats.total_calls / calls:.0f} Python calls per request")  # type: ignore[attr-defined]
         stats.print_stats(20)
         return
-    measure("grpc", grpc_reads, replay_grpc, args.calls, args.rounds)
-    measure("http", http_reads, replay_http, args.calls, args.rounds)
-
+    measure("grpc", grpc_reads, replay_grpc, args.rounds)
+    measure("http", http_reads, replay_http, args.rounds)
 
 if __name__ == "__main__":
     main()

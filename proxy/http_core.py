@@ -301,9 +301,23 @@ class Body:
         return pos, False
 
 
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[list[bytes], list[bytes]]:
+    """(Transfer-Encoding values, Content-Length values) of a head, each in order: one pass."""
+    te: list[bytes] = []
+    lengths: list[bytes] = []
+    for k, v in headers:
+        if k == b"content-length":
+            lengths.append(v)
+        elif k == b"transfer-encoding":
+            te.append(v)
+    return te, lengths
+
+
 def _content_length(values: list[bytes]) -> int | None:
     if not values:
         return None
+    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
+        return int(values[0])  # the usual head: what the loop below makes of it, in one step
     parsed = set()
     for value in values:
         for part in value.split(b","):
@@ -318,8 +332,8 @@ def _content_length(values: list[bytes]) -> int | None:
 
 def request_body(headers: list[tuple[bytes, bytes]]) -> Body:
     """How a request's body is framed (RFC 9112, 6.3), strictly."""
-    te = [v for k, v in headers if k == b"transfer-encoding"]
-    length = _content_length([v for k, v in headers if k == b"content-length"])
+    te, lengths = _framing(headers)
+    length = _content_length(lengths)
     if te:
         if length is not None:
             raise Malformed("both Transfer-Encoding and Content-Length")
@@ -338,11 +352,13 @@ def response_body(method: bytes, status: int, headers: list[tuple[bytes, bytes]]
     response is framed by its headers like any other (the proxy's own answers do the same)."""
     if status < 200 or status in (204, 304):
         return Body(_Kind.NONE)
-    te = [c.strip(b" \t").lower() for k, v in headers if k == b"transfer-encoding" for c in v.split(b",")]
-    te = [c for c in te if c]
-    if te:
-        return Body(_Kind.CHUNKED) if te[-1] == b"chunked" else Body(_Kind.UNTIL_CLOSE)
-    length = _content_length([v for k, v in headers if k == b"content-length"])
+    te_values, lengths = _framing(headers)
+    if te_values:
+        te = [c.strip(b" \t").lower() for v in te_values for c in v.split(b",")]
+        te = [c for c in te if c]
+        if te:
+            return Body(_Kind.CHUNKED) if te[-1] == b"chunked" else Body(_Kind.UNTIL_CLOSE)
+    length = _content_length(lengths)
     if length is None:
         return Body(_Kind.UNTIL_CLOSE)
     return Body(_Kind.LENGTH, length) if length else Body(_Kind.NONE)

@@ -96,6 +96,20 @@ def request_model_name(head: bytes) -> str | None:
 
 def request_model_and_id(head: bytes) -> tuple[str | None, str]:
     """(model_name, id) of a ModelInferRequest prefix: fields 1 and 3 ("" when absent)."""
+    # The usual request, read without the field loop (its generator and varints were ~15% of
+    # the gRPC core's time per call): model_name first, its key and length one byte each,
+    # then no more bytes or a one-byte key of a field past id (3). The loop would stop at
+    # that key (or at garbage there) with the same answer: _request_fields says the same of
+    # every prefix (tested).
+    if len(head) > 1 and head[0] == 0x0A and head[1] < 0x80:
+        end = 2 + head[1]
+        if end == len(head) or (end < len(head) and 0x20 <= head[end] < 0x80):
+            return _decode_str(head[2:end]), ""
+    return _request_fields(head)
+
+
+def _request_fields(head: bytes) -> tuple[str | None, str]:
+    """request_model_and_id, field by field."""
     model: str | None = None
     request_id = ""
     for number, wire, value in iter_fields(head):
@@ -190,6 +204,21 @@ class MessageScanner:
         i, n = 0, len(data)
         while i < n:
             if self._left == 0 and self._head_want == 0:
+                if not self._prefix and n - i > 5:
+                    # A message starts here, its prefix whole: when its head is here too (a
+                    # unary request's one message mostly is), it is read in one step, the
+                    # state at on_message as the piecewise path leaves it.
+                    length = int.from_bytes(data[i + 1:i + 5], "big")
+                    want = HEAD_BYTES if length > HEAD_BYTES else length
+                    if n - i - 5 >= want:
+                        compressed = data[i] == 1
+                        i += 5
+                        self._compressed, self._length, self._left, self._head = compressed, length, length, b""
+                        self.on_message(bytes(data[i:i + want]), compressed, length)
+                        take = min(length, n - i)
+                        i += take
+                        self._left -= take
+                        continue
                 take = min(5 - len(self._prefix), n - i)
                 self._prefix += bytes(data[i:i + take])
                 i += take

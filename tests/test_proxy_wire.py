@@ -141,6 +141,17 @@ def test_parsers_never_raise_on_garbage(data: bytes) -> None:
     scanner.feed(data)
 
 
+@given(name=st.binary(max_size=130), rest=st.binary(max_size=40), cut=st.integers(0, 200))
+def test_request_model_fast_path_reads_as_the_field_loop(name: bytes, rest: bytes, cut: int) -> None:
+    """request_model_and_id reads the usual request (model_name first) without its field
+    loop: it must say what the loop says of any prefix, garbage after the name included."""
+    for head in ((b"\x0a" + bytes((len(name) & 0x7F,)) + name + rest)[:cut], name + rest):
+        assert wire.request_model_and_id(head) == wire._request_fields(head)
+    message = infer_request(name.decode("latin-1"), rest.decode("latin-1"))
+    for head in (message[:cut], message):
+        assert wire.request_model_and_id(head) == wire._request_fields(head)
+
+
 @given(sizes=st.lists(st.sampled_from([0, 1, 50, wire.HEAD_BYTES - 1, wire.HEAD_BYTES, 3000]), max_size=6),
        verdicts=st.lists(st.booleans(), min_size=6, max_size=6), piece=st.integers(1, 2000),
        cut_at_end=st.integers(0, 8))

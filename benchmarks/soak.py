@@ -14,7 +14,8 @@ deadline (5 s) and is wrapped in an outer asyncio timeout (deadline + 5 s) that 
 Faults: the policy file rewritten every 30 s to force a reload of `sleep` (min_instances 2, then
 max_instances 1, alternately), a SIGHUP every 60 s, tritonserver SIGKILLed and restarted once
 (same ports) and frozen with SIGSTOP for 10 s once. The sidecar's RSS and open file descriptors
-are read from /proc every second; after the warm-up a least-squares slope is fitted.
+are read from /proc every second; after the warm-up a least-squares slope is fitted to per-minute
+medians (slope_verdict).
 
 Attacks: the same stack with `--max-connections`; each attack runs in its own process for
 --attack-seconds while a normal client (one persistent channel, `sleep` and `fast` alternately)
@@ -63,6 +64,8 @@ WARMUP_RATIO = 0.2
 RSS_FLAT_RATIO_PER_10MIN = 0.01
 # "flat": the fitted FD growth is below 2 descriptors per 10 minutes.
 FD_FLAT_PER_10MIN = 2.0
+# The slopes are fitted to the medians of slices this long (see slope_verdict).
+SLICE_S = 60.0
 
 
 # ============================================================================ pure parts
@@ -97,43 +100,75 @@ def after_warmup(samples: Sequence[tuple[float, float]], warmup_ratio: float = W
     return [s for s in samples if s[0] >= cut]
 
 
+def binned_medians(samples: Sequence[tuple[float, float]], bin_s: float) -> list[tuple[float, float]]:
+    """(mean time, median value) of each `bin_s`-wide slice of the samples, counted from the first;
+    a slice whose samples span less than half of `bin_s` (the ragged last one) is left out.
+
+    Why medians: a burst (reconnects while Triton is down: dozens of descriptors for a few
+    seconds, or a dip while its connections are gone) fills less than half a slice and leaves
+    its median where it was, while a leak moves every later median up."""
+    if not samples or bin_s <= 0:
+        return []
+    t0 = samples[0][0]
+    slices: dict[int, list[tuple[float, float]]] = {}
+    for t, v in samples:
+        slices.setdefault(int((t - t0) // bin_s), []).append((t, v))
+    out = []
+    for _, part in sorted(slices.items()):
+        if part[-1][0] - part[0][0] < bin_s / 2:
+            continue
+        out.append((sum(t for t, _ in part) / len(part), statistics.median(v for _, v in part)))
+    return out
+
+
 @dataclass(frozen=True)
 class Slope:
-    per_min: float       # units per minute (KiB or descriptors)
+    per_min: float       # units per minute (KiB or descriptors), fitted to the slices' medians
     stderr_per_min: float
     median: float
-    first: float
+    first: float         # the first and the last slice's median
     last: float
     minutes: float       # the window the slope was fitted over
     threshold_per_min: float
     flat: bool
+    raw_per_min: float = float("nan")  # the same fit to every sample, bursts included (shown, not judged)
+    slices: int = 0
+    slice_s: float = 0.0
 
 
 def slope_verdict(samples: Sequence[tuple[float, float]], kind: str) -> Slope:
-    """Fit value-per-minute over the samples after the warm-up; `kind` "rss" (KiB) or "fd".
+    """Fit value-per-minute to the samples after the warm-up; `kind` "rss" (KiB) or "fd".
 
-    Flat when the slope is below the threshold: for RSS 1% of the median RSS per 10 minutes
-    (a leak that small takes more than 16 hours to grow RSS by 10%, and is about what the
-    allocator's own noise over a 15-minute window lets one resolve); for FDs 2 descriptors
-    per 10 minutes (one leaked descriptor per ~thousand connections at the churn rate used).
-    A negative slope is flat.
+    The fit is to the medians of one-minute slices (a tenth of the window when the window is
+    shorter than 10 minutes), not to every sample: a burst shorter than half a slice moves no
+    median, a leak moves them all (see binned_medians). Flat when the slope is below the
+    threshold: for RSS 1% of the median RSS per 10 minutes (a leak that small takes more than
+    16 hours to grow RSS by 10%, and is about what the allocator's own noise over a 15-minute
+    window lets one resolve); for FDs 2 descriptors per 10 minutes (one leaked descriptor per
+    ~thousand connections at the churn rate used). A negative slope is flat; fewer than 3
+    slices is no verdict (not flat).
     """
-    window = after_warmup(samples)
-    if len(window) < 3:
-        return Slope(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), 0.0,
-                     float("nan"), False)
-    xs = [(t - window[0][0]) / 60.0 for t, _ in window]
-    ys = [v for _, v in window]
-    slope, stderr = fit_slope(xs, ys)
-    median = statistics.median(ys)
     if kind == "rss":
-        threshold = median * RSS_FLAT_RATIO_PER_10MIN / 10.0
+        ratio, fixed = RSS_FLAT_RATIO_PER_10MIN / 10.0, 0.0
     elif kind == "fd":
-        threshold = FD_FLAT_PER_10MIN / 10.0
+        ratio, fixed = 0.0, FD_FLAT_PER_10MIN / 10.0
     else:
         raise ValueError(kind)
-    return Slope(slope, stderr, median, ys[0], ys[-1], xs[-1], threshold,
-                 flat=not math.isnan(slope) and slope < threshold)
+    window = after_warmup(samples)
+    span_s = window[-1][0] - window[0][0] if window else 0.0
+    slice_s = min(SLICE_S, span_s / 10.0)
+    points = binned_medians(window, slice_s)
+    if len(points) < 3:
+        return Slope(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), span_s / 60.0,
+                     float("nan"), False, slices=len(points), slice_s=slice_s)
+    t0 = window[0][0]
+    slope, stderr = fit_slope([(t - t0) / 60.0 for t, _ in points], [v for _, v in points])
+    raw, _ = fit_slope([(t - t0) / 60.0 for t, _ in window], [v for _, v in window])
+    median = statistics.median(v for _, v in window)
+    threshold = median * ratio + fixed
+    return Slope(slope, stderr, median, points[0][1], points[-1][1], span_s / 60.0, threshold,
+                 flat=not math.isnan(slope) and slope < threshold, raw_per_min=raw, slices=len(points),
+                 slice_s=slice_s)
 
 
 def classify(code: str, elapsed_s: float, deadline_s: float = DEADLINE_S, slack_s: float = LATE_SLACK_S) -> str:
@@ -216,7 +251,7 @@ def _cpu_s(pid: int) -> float:
 class Sidecar:
     """`python -m tritonpilot serve` as a subprocess on free loopback ports, JSON logs in a file."""
 
-    def __init__(self, triton_url: str, work: Path, *extra: str) -> None:
+    def __init__(self, triton_url: str, work: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         from tritonpilot.ports import free_port
         self.port, self.metrics_port = free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -227,7 +262,7 @@ class Sidecar:
                     "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--log-format", "json", *extra]
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(self.cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=log_file,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -268,6 +303,163 @@ class Sidecar:
             if level in ("warning", "error", "critical", "exception"):
                 events[f"{level} {entry.get('event')}"] += 1
         return events
+
+
+# ============================================================================ memory tracing (--trace-memory)
+
+# Written as sitecustomize.py into a folder put on the sidecar's PYTHONPATH (the sidecar alone:
+# no product change). It starts tracemalloc at interpreter start (unless FRAMES is 0) and, every
+# TRITONPILOT_MEMTRACE_EVERY_S from a daemon thread, appends one JSON line to samples.jsonl (RSS by
+# kind of mapping, what tracemalloc traces, pymalloc's arenas, glibc's malloc, allocated blocks)
+# and dumps a tracemalloc snapshot: enough to tell a Python-level leak from allocator high-water
+# marks. docs/reliability.md ("Sidecar memory") shows what it found.
+MEMTRACE_SITECUSTOMIZE = r'''
+import os
+
+_DIR = os.environ.get("TRITONPILOT_MEMTRACE_DIR")
+if _DIR:
+    import collections, ctypes, gc, json, re, sys, tempfile, threading, time, tracemalloc, traceback
+
+    _FRAMES = int(os.environ.get("TRITONPILOT_MEMTRACE_FRAMES", "12"))
+    if _FRAMES:  # 0: no tracemalloc, which leaves pymalloc's own statistics readable
+        tracemalloc.start(_FRAMES)
+    _T0 = time.monotonic()
+
+    class _Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    def _mallinfo():
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallinfo2.restype = _Mallinfo2
+            info = libc.mallinfo2()
+            return {name: getattr(info, name) // 1024 for name, _ in _Mallinfo2._fields_}
+        except (OSError, AttributeError):
+            return {}
+
+    def _smaps():
+        """RSS KiB by kind of mapping: [heap] (glibc's brk heap), anonymous (pymalloc's arenas,
+        glibc's mmapped chunks and other arenas, thread stacks), files (code), others."""
+        out = collections.Counter()
+        kind = "other"
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                first = line.split(None, 1)[0]
+                if "-" in first and not first.endswith(":"):
+                    parts = line.split()
+                    path = parts[5] if len(parts) > 5 else ""
+                    kind = ("heap" if path == "[heap]" else "anon" if not path else
+                            "stack" if path.startswith("[stack") else "other" if path.startswith("[") else "file")
+                elif first == "Rss:":
+                    out[kind] += int(line.split()[1])
+        return dict(out)
+
+    def _pymalloc():
+        # _debugmallocstats writes to fd 2 only, which is borrowed for a few ms; the sidecar's own
+        # JSON log lines that land there meanwhile are written back after.
+        with tempfile.TemporaryFile("w+") as tmp:
+            saved = os.dup(2)
+            try:
+                sys.stderr.flush()
+                os.dup2(tmp.fileno(), 2)
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            tmp.seek(0)
+            text = tmp.read()
+        logged = "".join(line for line in text.splitlines(True) if line.startswith("{"))
+        if logged:
+            os.write(2, logged.encode())
+        out = {}
+        for m in re.finditer(r"^# ([a-z ]+?)\s+=\s+([0-9,]+)$", text, re.M):
+            out[m.group(1)] = int(m.group(2).replace(",", ""))
+        return out
+
+    def _sample(n):
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        # No census by type (gc.get_objects()): from a second thread it can take a reference to a
+        # tuple the main thread is still building, which then fails with SystemError.
+        gc.collect()
+        traced, peak = tracemalloc.get_traced_memory()
+        if _FRAMES:
+            tracemalloc.take_snapshot().dump(os.path.join(_DIR, f"snapshot-{n:03d}.pickle"))
+        line = {"n": n, "t_s": time.monotonic() - _T0, "rss_kib": rss, "smaps_kib": _smaps(),
+                "traced_kib": traced // 1024, "traced_peak_kib": peak // 1024,
+                "tracemalloc_overhead_kib": tracemalloc.get_tracemalloc_memory() // 1024,
+                "allocated_blocks": sys.getallocatedblocks(), "pymalloc": {} if _FRAMES else _pymalloc(),
+                "mallinfo2_kib": _mallinfo(),
+                "threads": threading.active_count()}
+        with open(os.path.join(_DIR, "samples.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _loop():
+        every_s = float(os.environ.get("TRITONPILOT_MEMTRACE_EVERY_S", "60"))
+        n = 0
+        while True:
+            time.sleep(every_s)
+            n += 1
+            try:
+                _sample(n)
+            except Exception:  # a diagnostic: never take the sidecar down
+                with open(os.path.join(_DIR, "errors.txt"), "a") as f:
+                    f.write(traceback.format_exc())
+
+    threading.Thread(target=_loop, name="memtrace", daemon=True).start()
+'''
+
+
+def memtrace_env(work: Path, every_s: float, frames: int) -> dict[str, str]:
+    """The sidecar's environment with the tracing sitecustomize.py on its PYTHONPATH."""
+    site = work / "memtrace"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(MEMTRACE_SITECUSTOMIZE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    env["TRITONPILOT_MEMTRACE_DIR"] = str(site)
+    env["TRITONPILOT_MEMTRACE_EVERY_S"] = f"{every_s:g}"
+    env["TRITONPILOT_MEMTRACE_FRAMES"] = str(frames)
+    return env
+
+
+def memtrace_report(site: Path, first: int | None = None, top: int = 25) -> str:
+    """What grew in the sidecar between sample `first` (default: the first after 20% of the run)
+    and the last: RSS by mapping, tracemalloc, pymalloc, glibc, allocated blocks, and the
+    allocation sites that grew most (tracemalloc, by line and by traceback)."""
+    import tracemalloc
+    rows = [json.loads(line) for line in (site / "samples.jsonl").read_text().splitlines() if line.strip()]
+    if len(rows) < 2:
+        return f"{site}: fewer than 2 samples"
+    if first is None:
+        first = next(r["n"] for r in rows if r["t_s"] >= rows[-1]["t_s"] * WARMUP_RATIO)
+    a = next(r for r in rows if r["n"] == first)
+    b = rows[-1]
+    out = [f"memtrace {site}: sample {a['n']} (t={a['t_s']:.0f} s) -> {b['n']} (t={b['t_s']:.0f} s)", "",
+           "n t_s rss traced pymalloc_arenas(KiB) pymalloc_alloc pymalloc_avail glibc_inuse glibc_free glibc_mmap "
+           "heap anon blocks"]
+    for r in rows:
+        pm, mi, sm = r["pymalloc"], r["mallinfo2_kib"], r["smaps_kib"]
+        out.append(f"{r['n']} {r['t_s']:.0f} {r['rss_kib']} {r['traced_kib']} "
+                   f"{pm.get('arenas allocated current', 0) * 1024} {pm.get('bytes in allocated blocks', 0) // 1024} "
+                   f"{pm.get('bytes in available blocks', 0) // 1024} {mi.get('uordblks')} {mi.get('fordblks')} "
+                   f"{mi.get('hblkhd')} {sm.get('heap')} {sm.get('anon')} {r['allocated_blocks']}")
+    if not (site / f"snapshot-{a['n']:03d}.pickle").exists():
+        return "\n".join(out)
+    snap_a = tracemalloc.Snapshot.load(str(site / f"snapshot-{a['n']:03d}.pickle"))
+    snap_b = tracemalloc.Snapshot.load(str(site / f"snapshot-{b['n']:03d}.pickle"))
+    ignore = [tracemalloc.Filter(False, name) for name in
+              (tracemalloc.__file__, str(site / "sitecustomize.py"), "<frozen importlib._bootstrap>")]
+    snap_a, snap_b = snap_a.filter_traces(ignore), snap_b.filter_traces(ignore)
+    out += ["", "tracemalloc, by line (size diff, count diff):"]
+    out += [f"  {s.size_diff / 1024:+9.1f} KiB {s.count_diff:+7d}  {s.traceback[0]}"
+            for s in snap_b.compare_to(snap_a, "lineno")[:top]]
+    out += ["", "tracemalloc, by traceback (the 5 that grew most):"]
+    for s in snap_b.compare_to(snap_a, "traceback")[:5]:
+        out.append(f"  {s.size_diff / 1024:+9.1f} KiB {s.count_diff:+7d}")
+        out += [f"      {frame}" for frame in s.traceback.format()[-12:]]
+    return "\n".join(out)
 
 
 # ============================================================================ the soak: load
@@ -533,7 +725,8 @@ async def soak(args: argparse.Namespace) -> int:
     triton = EmbeddedTriton(MODELS, load_models=["sleep", "fast", "decoupled", "identity_fp32"],
                             log_path=work / "triton.log", startup_timeout_s=120)
     triton.start()
-    sidecar = Sidecar(triton.grpc_url, work, "--policy", str(policy))
+    env = memtrace_env(work, args.trace_memory, args.trace_frames) if args.trace_memory else None
+    sidecar = Sidecar(triton.grpc_url, work, "--policy", str(policy), env=env)
     events: list[tuple[float, str]] = []
     crash_logs: list[str] = []
     samples: list[tuple[float, int, int]] = []
@@ -663,24 +856,31 @@ async def soak(args: argparse.Namespace) -> int:
     print(text)
     _write_section(Path(args.out), SOAK_BEGIN, SOAK_END, text)
     print(f"wrote {args.out}; raw figures in {work / 'soak.json'}", file=sys.stderr)
+    if args.trace_memory:
+        print(memtrace_report(work / "memtrace"), file=sys.stderr)
     return 0 if all(verdict.values()) else 1
 
 
 # ============================================================================ kills: proxy vs direct
 
 
-async def _kill_cycles(route: str, cycles: int) -> Counter[str]:
+async def _kill_cycles(route: str, cycles: int, trace_memory: float | None = None, trace_frames: int = 0
+                       ) -> tuple[Counter[str], list[tuple[int, int]], Path]:
     """Stream, decoupled and unary clients in tight loops while tritonserver is SIGKILLed and
     restarted `cycles` times; outcomes by "kind outcome phase" (phase: when the call ended,
-    relative to the kills: "up", or "down" from the kill until Triton is ready again)."""
+    relative to the kills: "up", or "down" from the kill until Triton is ready again), the
+    sidecar's (RSS KiB, open fds) before each kill and at the end (each outage is a burst of
+    refused calls and reconnects: what it leaves behind shows there), and the work folder."""
     from tritonpilot.tools.embedded import EmbeddedTriton
 
     work = Path(tempfile.mkdtemp(prefix=f"tritonpilot-kills-{route}-"))
     triton = EmbeddedTriton(MODELS, load_models=["fast", "decoupled"], log_path=work / "triton.log",
                             startup_timeout_s=120)
     triton.start()
-    sidecar = Sidecar(triton.grpc_url, work)
+    env = memtrace_env(work, trace_memory, trace_frames) if trace_memory else None
+    sidecar = Sidecar(triton.grpc_url, work, env=env)
     down: list[tuple[float, float]] = []
+    before_kill: list[tuple[int, int]] = []
     try:
         sidecar.wait_ready()
         tally = Tally(started_at=time.monotonic())
@@ -691,11 +891,13 @@ async def _kill_cycles(route: str, cycles: int) -> Counter[str]:
             load.unary_worker("unary_fast", "fast", 0.0))]
         for _ in range(cycles):
             await asyncio.sleep(3.0)
+            before_kill.append(_proc_sample(sidecar.proc.pid))
             killed_at = time.monotonic() - tally.started_at
             await asyncio.to_thread(triton.kill)
             await asyncio.to_thread(triton.restart)
             down.append((killed_at, time.monotonic() - tally.started_at))
         await asyncio.sleep(2.0)
+        before_kill.append(_proc_sample(sidecar.proc.pid))
         load.stop.set()
         await asyncio.gather(*tasks)
     finally:
@@ -708,17 +910,26 @@ async def _kill_cycles(route: str, cycles: int) -> Counter[str]:
     for t, kind, outcome, _ in tally.failures:
         phase = "down" if any(a <= t <= b for a, b in down) else "up"
         by[f"{kind} {outcome} {phase}"] += 1
-    return by
+    return by, before_kill, work
 
 
 async def kills(args: argparse.Namespace) -> int:
     """The same clients and kill cycles through the sidecar, then straight to Triton."""
-    results = {route: await _kill_cycles(route, args.kills) for route in ("proxy", "direct")}
-    keys = sorted(set(results["proxy"]) | set(results["direct"]))
+    results: dict[str, Counter[str]] = {}
+    for route in args.kills_routes:
+        results[route], samples, work = await _kill_cycles(route, args.kills, args.trace_memory,
+                                                              args.trace_frames)
+        if route == "proxy":
+            print("sidecar RSS KiB / open fds before each kill and at the end: "
+                  + ", ".join(f"{rss}/{fds}" for rss, fds in samples), file=sys.stderr)
+            if args.trace_memory:
+                print(memtrace_report(work / "memtrace"), file=sys.stderr)
+    keys = sorted(set().union(*results.values()))
+    names = {"proxy": "through the sidecar", "direct": "direct"}
     print(f"{args.kills} SIGKILL + restart cycles of tritonserver, 3 s of load between them\n")
-    print("| kind outcome phase | through the sidecar | direct |\n|---|---|---|")
+    print("| kind outcome phase | " + " | ".join(names[r] for r in results) + " |\n|---" + "|---" * len(results) + "|")
     for key in keys:
-        print(f"| {key} | {results['proxy'][key]} | {results['direct'][key]} |")
+        print(f"| {key} | " + " | ".join(str(results[r][key]) for r in results) + " |")
     return 0
 
 
@@ -745,6 +956,8 @@ def soak_markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
                                              ("--freeze-group", args.freeze_group)) if on)
     if args.without:
         flags += " --without " + " ".join(args.without)
+    if args.trace_memory:
+        flags += f" --trace-memory {args.trace_memory:g} --trace-frames {args.trace_frames}"
     lines = [SOAK_BEGIN, "## Soak and faults", "",
              f"Generated by `bash scripts/soak --minutes {args.minutes:g}{flags}` on {time.strftime('%Y-%m-%d')}, "
              f"a {os.cpu_count()}-core machine with no GPU, shared with other work; load, sidecar, tritonserver "
@@ -775,16 +988,19 @@ def soak_markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append("")
     rss, fd = r["rss"], r["fd"]
     lines += ["### Sidecar memory and descriptors", "",
-              f"Sampled every second from /proc ({len(r['samples'])} samples); slopes fitted by least squares "
-              f"after the first {WARMUP_RATIO:.0%} ({rss['minutes']:.1f} min window).", "",
-              "| | first after warm-up | last | median | slope /min (+- stderr) | flat below /min | verdict |",
-              "|---|---|---|---|---|---|---|",
+              f"Sampled every second from /proc ({len(r['samples'])} samples). After the first {WARMUP_RATIO:.0%} "
+              f"({rss['minutes']:.1f} min window) the samples are cut into {rss['slice_s']:.0f} s slices "
+              f"({rss['slices']} of them) and the slope is fitted by least squares to the slices' medians, which a "
+              "burst of a few seconds does not move and a leak does; the fit to every sample is shown beside it.", "",
+              "| | first slice median | last slice median | median | slope /min (+- stderr) | every sample's "
+              "slope /min | flat below /min | verdict |",
+              "|---|---|---|---|---|---|---|---|",
               f"| RSS KiB | {rss['first']:.0f} | {rss['last']:.0f} | {rss['median']:.0f} | "
-              f"{rss['per_min']:+.1f} (+- {rss['stderr_per_min']:.1f}) | {rss['threshold_per_min']:.1f} | "
-              f"{'flat' if rss['flat'] else '**growing**'} |",
+              f"{rss['per_min']:+.1f} (+- {rss['stderr_per_min']:.1f}) | {rss['raw_per_min']:+.1f} | "
+              f"{rss['threshold_per_min']:.1f} | {'flat' if rss['flat'] else '**growing**'} |",
               f"| open fds | {fd['first']:.0f} | {fd['last']:.0f} | {fd['median']:.0f} | "
-              f"{fd['per_min']:+.2f} (+- {fd['stderr_per_min']:.2f}) | {fd['threshold_per_min']:.2f} | "
-              f"{'flat' if fd['flat'] else '**growing**'} |", "",
+              f"{fd['per_min']:+.2f} (+- {fd['stderr_per_min']:.2f}) | {fd['raw_per_min']:+.2f} | "
+              f"{fd['threshold_per_min']:.2f} | {'flat' if fd['flat'] else '**growing**'} |", "",
               f"3 s after the load stopped: RSS {r['settled'][1]} KiB, {r['settled'][2]} fds. Sidecar CPU over the "
               f"run: {r['sidecar_cpu_s']:.0f} s; it exited with {r['sidecar_rc']} on SIGTERM.", "",
               "### Faults injected (seconds from the start of the load)", ""]
@@ -1219,12 +1435,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, metavar="N",
                         help="instead of the soak: N SIGKILL+restart cycles of Triton under stream and unary "
                              "load, through the sidecar and then direct; prints outcomes side by side")
+    parser.add_argument("--kills-routes", nargs="+", choices=("proxy", "direct"), default=["proxy", "direct"],
+                        help="with --kills: through the sidecar, straight to Triton, or both (default)")
+    parser.add_argument("--trace-memory", type=float, metavar="EVERY_S",
+                        help="soak and --kills: sample the sidecar's memory (RSS by mapping, pymalloc, glibc, "
+                             "tracemalloc) every EVERY_S seconds (a diagnostic: slower, more RSS); prints what grew")
+    parser.add_argument("--trace-frames", type=int, default=12, metavar="N",
+                        help="with --trace-memory: tracemalloc's frames per allocation (default 12; 0: no "
+                             "tracemalloc, which leaves pymalloc's arena statistics readable)")
+    parser.add_argument("--memtrace-report", metavar="DIR",
+                        help="print what grew in a --trace-memory run's WORK/memtrace folder, and exit")
     parser.add_argument("--out", default=str(OUT), help="the document whose section is rewritten")
     parser.add_argument("--attack-worker", choices=ATTACKS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.attack_worker:
         return attack_worker(args.attack_worker, args.port, args.attack_seconds)
+    if args.memtrace_report:
+        print(memtrace_report(Path(args.memtrace_report)))
+        return 0
     if args.kills:
         return asyncio.run(kills(args))
     return asyncio.run(attacks(args) if args.attacks else soak(args))

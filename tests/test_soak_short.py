@@ -1,5 +1,6 @@
-"""The pure parts of benchmarks/soak.py: the slope fit, the flat/growing verdict, how a call's
-status is classified, the per-attack verdict and the counter deltas. No Triton, no sockets."""
+"""The pure parts of benchmarks/soak.py: the slope fit, the flat/growing verdict (robust to
+reconnect bursts, not to leaks), how a call's status is classified, the per-attack verdict and the
+counter deltas. No Triton, no sockets."""
 
 from __future__ import annotations
 
@@ -72,6 +73,65 @@ def test_fd_verdict_and_too_few_samples() -> None:
     assert not soak.slope_verdict([(0.0, 1.0), (1.0, 1.0)], "fd").flat
     with pytest.raises(ValueError):
         soak.slope_verdict(steady, "bogus")
+
+
+def test_binned_medians_leave_out_the_ragged_last_slice() -> None:
+    samples = [(float(s), float(s // 60)) for s in range(150)]  # 2.5 minutes: 0, 1, then half a slice of 2
+    points = soak.binned_medians(samples, 60.0)
+    assert [v for _, v in points] == [0.0, 1.0]
+    assert points[0][0] == pytest.approx(29.5)
+    assert soak.binned_medians([], 60.0) == []
+    assert len(soak.binned_medians(samples[:-1], 60.0)) == 2  # 29 s of the third slice: less than half
+
+
+# The 15-minute soak of 2026-11-30: 25 descriptors throughout, and every time Triton was down a
+# reconnect burst of up to 55 for ~12 s, more of them late in the run (Triton crashed at will).
+BURSTS_S = (62, 153, 255, 360, 405, 476, 575, 612, 700, 755, 790, 817, 855)
+
+
+def fd_samples(leak_per_min: float = 0.0, minutes: int = 15, base: int = 25,
+               dips: bool = False) -> list[tuple[float, float]]:
+    out = []
+    for s in range(minutes * 60):
+        fds = base + math.floor(leak_per_min * s / 60.0)
+        burst = next((b for b in BURSTS_S if b <= s < b + 12), None)
+        if burst is not None:  # the burst itself, or (dips) a gap while Triton's connections are gone
+            fds += -4 if dips else 30 - abs(s - burst - 6) * 4
+        out.append((float(s), float(fds)))
+    return out
+
+
+def test_reconnect_bursts_alone_are_flat_though_every_sample_s_slope_says_growing() -> None:
+    fd = soak.slope_verdict(fd_samples(), "fd")
+    assert fd.raw_per_min > fd.threshold_per_min  # what the old rule judged: "growing"
+    assert fd.flat and fd.per_min == pytest.approx(0.0)
+    assert (fd.first, fd.last, fd.slices, fd.slice_s) == (25.0, 25.0, 12, 60.0)
+    assert soak.slope_verdict(fd_samples(dips=True), "fd").flat  # fewer descriptors while Triton is down
+
+
+@pytest.mark.parametrize("leak_per_min", [1.0, 0.25])
+def test_a_steady_descriptor_leak_is_growing_with_or_without_bursts(leak_per_min: float) -> None:
+    for dips in (False, True):
+        fd = soak.slope_verdict(fd_samples(leak_per_min, dips=dips), "fd")
+        assert not fd.flat, (leak_per_min, dips)
+        assert fd.per_min == pytest.approx(leak_per_min, rel=0.3)
+
+
+def rss_staircase(step_kib: float, every_s: int, until_s: int = 15 * 60, minutes: int = 15
+                  ) -> list[tuple[float, float]]:
+    """RSS that jumps by step_kib every every_s seconds until until_s, then stays."""
+    return [(float(s), 100_000.0 + step_kib * (min(s, until_s) // every_s)) for s in range(minutes * 60)]
+
+
+def test_an_rss_staircase_that_keeps_climbing_is_growing() -> None:
+    # +600 KiB every 3 minutes = 200 KiB/min on 100 MB (threshold 100 KiB/min).
+    rss = soak.slope_verdict(rss_staircase(600.0, 180), "rss")
+    assert not rss.flat and rss.per_min == pytest.approx(200.0, rel=0.25)
+
+
+def test_an_rss_staircase_that_stops_in_the_warm_up_is_flat() -> None:
+    rss = soak.slope_verdict(rss_staircase(600.0, 30, until_s=150), "rss")  # 3 MB in the first 2.5 minutes
+    assert rss.flat and rss.per_min == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize(("code", "elapsed", "want"), [

@@ -46,7 +46,7 @@ from tritonpilot.proxy.ledger import Ledger
 from tritonpilot.proxy.limits import ConnectionGuard, ConnectionLimits, Observed
 from tritonpilot.proxy.restrict import Restriction
 from tritonpilot.proxy.shedding import InflightCaps
-from tritonpilot.proxy.sockets import listen, set_keepalive
+from tritonpilot.proxy.sockets import Reachability, listen, set_keepalive
 from tritonpilot.proxy.stats import HTTP, ProxyStats
 
 log = structlog.get_logger(__name__)
@@ -278,6 +278,7 @@ class HttpRelay:
         self.stats = stats
         self.pairs: set[_Pair] = set()
         self.guard = ConnectionGuard(options.limits)
+        self.reachability = Reachability("http_relay")
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._apply(options)
@@ -321,12 +322,13 @@ class HttpRelay:
                 return
             reason = (f"tritonpilot: Triton at {opts.upstream_host}:{opts.upstream_port} is unreachable "
                       f"({exc.__class__.__name__}: {exc})")
-            log.warning("http_relay.upstream_unreachable", reason=reason)
+            self.reachability.unreachable(reason, time.monotonic())
             pair.upstream_connected(None, unreachable=reason)
             return
         if pair.closed:
             transport.close()
             return
+        self.reachability.reachable(time.monotonic())
         set_keepalive(transport, opts.tcp_keepalive_s)
         pair.upstream_connected(transport)
 

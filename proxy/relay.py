@@ -27,7 +27,7 @@ from tritonpilot.proxy.ledger import Ledger
 from tritonpilot.proxy.limits import ConnectionGuard, ConnectionLimits, Http2Limits, Observed
 from tritonpilot.proxy.restrict import Door, Restriction
 from tritonpilot.proxy.shedding import InflightCaps
-from tritonpilot.proxy.sockets import listen, set_keepalive
+from tritonpilot.proxy.sockets import Reachability, listen, set_keepalive
 from tritonpilot.proxy.stats import ProxyStats
 from tritonpilot.proxy.wire import GRPC_CANCELLED, GRPC_UNAVAILABLE
 
@@ -272,6 +272,7 @@ class Relay:
         self.rules = _rules(options)
         self.pairs: set[Pair] = set()
         self.guard = ConnectionGuard(options.limits)
+        self.reachability = Reachability("relay")
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -320,7 +321,7 @@ class Relay:
                 return
             reason = f"tritonpilot: Triton at {self.options.upstream_host}:{self.options.upstream_port} " \
                      f"is unreachable ({exc.__class__.__name__}: {exc})"
-            log.warning("relay.upstream_unreachable", reason=reason)
+            self.reachability.unreachable(reason, time.monotonic())
             self.pairs.discard(pair)
             client.pair = None
             client.local = LocalResponder(pair.client, reason, self.stats)
@@ -330,6 +331,7 @@ class Relay:
         if pair.closed:  # the client left while we were connecting
             transport.close()
             return
+        self.reachability.reachable(time.monotonic())
         set_keepalive(transport, self.options.tcp_keepalive_s)
         pair.upstream_connected(transport)
 

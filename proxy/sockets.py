@@ -1,4 +1,5 @@
-"""Socket plumbing the gRPC and HTTP relay shells share: the listener and TCP keepalive."""
+"""Socket plumbing the gRPC and HTTP relay shells share: the listener, TCP keepalive, and
+the log of Triton's reachability."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 
 async def listen(protocol_factory: Callable[[], asyncio.Protocol], host: str, port: int, *,
@@ -31,3 +36,36 @@ def set_keepalive(transport: asyncio.BaseTransport, keepalive_s: float | None) -
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_s)))
     except OSError:
         pass
+
+
+class Reachability:
+    """Logs when Triton stops and starts taking the relay's connections, not once per
+    connection: while Triton is down every client connection fails to connect upstream, and
+    a warning each flooded the log (15,000 in a 15-minute soak). A warning when it goes
+    down, a reminder with the count every `remind_s` while it stays down, an info line with
+    the count and the outage's length when a connection gets through again."""
+
+    def __init__(self, relay: str, remind_s: float = 30.0) -> None:
+        self.relay = relay  # the event prefix: "relay" (gRPC), "http_relay"
+        self.remind_s = remind_s
+        self.down_since_s: float | None = None
+        self.refused = 0  # connections answered locally since the outage began
+        self._reminded_s = 0.0
+
+    def unreachable(self, reason: str, now_s: float) -> None:
+        self.refused += 1
+        if self.down_since_s is None:
+            self.down_since_s = self._reminded_s = now_s
+            log.warning(f"{self.relay}.upstream_unreachable", reason=reason)
+        elif now_s - self._reminded_s >= self.remind_s:
+            self._reminded_s = now_s
+            log.warning(f"{self.relay}.upstream_still_unreachable", reason=reason, connections_refused=self.refused,
+                        down_s=round(now_s - self.down_since_s, 1))
+
+    def reachable(self, now_s: float) -> None:
+        if self.down_since_s is None:
+            return
+        log.info(f"{self.relay}.upstream_reachable", connections_refused=self.refused,
+                 down_s=round(now_s - self.down_since_s, 1))
+        self.down_since_s = None
+        self.refused = 0

@@ -327,55 +327,56 @@ def run_pa(pa: Path, env: dict[str, str], work: Path, tag: str, model: str, prot
 
 def start_peers(stack: ExitStack, work: Path, triton, workers: list[int], only: set[str] | None) -> tuple[
         list[Peer], list[str]]:
-    from tritonpilot.ports import free_port
+    from tritonpilot.ports import free_ports
     tg, th = triton.grpc_port, triton.http_port
     peers = [Peer("direct", f"127.0.0.1:{tg}", f"127.0.0.1:{th}", None)]
     notes: list[str] = []
+
+    def start(name: str, cmd: list[str], ports: list[int]) -> subprocess.Popen:
+        """Run a peer listening on ports[0] (gRPC) and ports[1] (HTTP), and list it."""
+        proc = stack.enter_context(_process(cmd, work / f"{name}.log", ports, name))
+        peers.append(Peer(name, f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", proc.pid))
+        return proc
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
     has_workers = serve_has_workers()
     for n in workers:
         name = f"tritonpilot-w{n}"
-        if only and name not in only and "tritonpilot" not in only:
+        if not wanted(name) and not wanted("tritonpilot"):
             continue
         if n > 1 and not has_workers:
             notes.append(f"{name}: skipped, `tritonpilot serve --help` has no --workers")
             continue
-        g, h, m = free_port(), free_port(), free_port()
+        g, h, m = free_ports(3)
         cmd = [sys.executable, "-m", "tritonpilot", "serve", "--triton", f"127.0.0.1:{tg}",
                "--triton-http", f"127.0.0.1:{th}", "--listen", f"127.0.0.1:{g}", "--http-listen", f"127.0.0.1:{h}",
                "--metrics-listen", f"127.0.0.1:{m}", "--log-level", "WARNING"]
         if has_workers:
             cmd += ["--workers", str(n)]
-        proc = stack.enter_context(_process(cmd, work / f"{name}.log", [g, h, m], name))
-        _ready(f"http://127.0.0.1:{m}/readyz", proc)
-        peers.append(Peer(name, f"127.0.0.1:{g}", f"127.0.0.1:{h}", proc.pid))
-    if not only or "uvloop-pipe" in only:  # the floor: the same event loop, reading nothing
-        g, h = free_port(), free_port()
-        proc = stack.enter_context(_process([sys.executable, str(ROOT / "benchmarks" / "pipe_relay.py"), f"{g}:{tg}",
-                                             f"{h}:{th}"], work / "uvloop-pipe.log", [g, h], "uvloop-pipe"))
-        peers.append(Peer("uvloop-pipe", f"127.0.0.1:{g}", f"127.0.0.1:{h}", proc.pid))
-    if not only or "nginx" in only:
-        nginx = _apt_install("nginx", "nginx-light")
-        if nginx is None:
-            notes.append("nginx: skipped, not installed and `apt-get install -y nginx-light` failed")
-        else:
-            g, h = free_port(), free_port()
+        _ready(f"http://127.0.0.1:{m}/readyz", start(name, cmd, [g, h, m]))
+    if wanted("uvloop-pipe"):  # the floor: the same event loop, reading nothing
+        g, h = free_ports(2)
+        start("uvloop-pipe", [sys.executable, str(ROOT / "benchmarks" / "pipe_relay.py"), f"{g}:{tg}", f"{h}:{th}"],
+              [g, h])
+    for name, package in (("nginx", "nginx-light"), ("haproxy", "haproxy")):
+        if not wanted(name):
+            continue
+        binary = _apt_install(name, package)
+        if binary is None:
+            notes.append(f"{name}: skipped, not installed and `apt-get install -y {package}` failed")
+            continue
+        g, h = free_ports(2)
+        if name == "nginx":
             d = work / "nginx"
             d.mkdir()
             (d / "nginx.conf").write_text(nginx_conf(str(d), g, h, tg, th, os.geteuid() == 0))
-            proc = stack.enter_context(_process([nginx, "-p", str(d), "-e", str(d / "nginx-error.log"), "-c",
-                                                 str(d / "nginx.conf")], work / "nginx.log", [g, h], "nginx"))
-            peers.append(Peer("nginx", f"127.0.0.1:{g}", f"127.0.0.1:{h}", proc.pid))
-    if not only or "haproxy" in only:
-        haproxy = _apt_install("haproxy", "haproxy")
-        if haproxy is None:
-            notes.append("haproxy: skipped, not installed and `apt-get install -y haproxy` failed")
+            start(name, [binary, "-p", str(d), "-e", str(d / "nginx-error.log"), "-c", str(d / "nginx.conf")], [g, h])
         else:
-            g, h = free_port(), free_port()
             cfg = work / "haproxy.cfg"
             cfg.write_text(haproxy_cfg(g, h, tg, th))
-            proc = stack.enter_context(_process([haproxy, "-db", "-f", str(cfg)], work / "haproxy.log", [g, h],
-                                                "haproxy"))
-            peers.append(Peer("haproxy", f"127.0.0.1:{g}", f"127.0.0.1:{h}", proc.pid))
+            start(name, [binary, "-db", "-f", str(cfg)], [g, h])
     return peers, notes
 
 

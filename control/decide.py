@@ -492,7 +492,7 @@ def _load(inflight_mean: float, panic_inflight_mean: float | None, current: int,
           source: str = "proxy", offered: _Offered | None = None) -> _Load:
     ideal = max(0.0, inflight_mean) / policy.target_inflight_per_instance
     unclamped = max(1, math.ceil(ideal - _EPSILON))
-    desired = min(policy.max_instances, max(policy.min_instances, unclamped))
+    desired = _clamp(ideal, policy)
     target = policy.target_inflight_per_instance
     panic_ideal = None if panic_inflight_mean is None else max(0.0, panic_inflight_mean) / target
     return _Load(

@@ -571,14 +571,15 @@ def on_change(vs: VerifyState, kind: Kind | Literal["revert", "retry"] | None, f
         want = None  # the load moved the count while a probe waited: probing ends
         vs = replace(vs, probe=None)
     vs = replace(vs, want=want)
-    if kind == "revert" or kind is None:
+
+    def done(vs: VerifyState) -> tuple[VerifyState, tuple[Outcome, ...]]:
         return (replace(vs, last=outcomes[-1]) if outcomes else vs), outcomes
-    if kind == "retry":
-        if retry_before is None:
-            return (replace(vs, last=outcomes[-1]) if outcomes else vs), outcomes
+
+    if kind == "retry" and retry_before is not None:
         vs = replace(vs, pending=Pending(kind="up", from_instances=to_instances - 1, to_instances=to_instances,
                                          changed_at_s=now_s, before=retry_before, retry=True))
-        return (replace(vs, last=outcomes[-1]) if outcomes else vs), outcomes
+    if kind is None or kind == "revert" or kind == "retry":
+        return done(vs)
     if kind == "probe" and vs.probe is not None:
         before: Window | None = vs.probe.reference
     else:
@@ -593,9 +594,8 @@ def on_change(vs: VerifyState, kind: Kind | Literal["revert", "retry"] | None, f
                           to_instances=to_instances, then="kept",
                           numbers={"verify_inconclusive_because": "no completed requests measured before the change"})
         return replace(vs, probe=None, last=outcome), outcomes + (outcome,)
-    vs = replace(vs, pending=Pending(kind=kind, from_instances=from_instances, to_instances=to_instances,
-                                     changed_at_s=now_s, before=before))
-    return (replace(vs, last=outcomes[-1]) if outcomes else vs), outcomes
+    return done(replace(vs, pending=Pending(kind=kind, from_instances=from_instances, to_instances=to_instances,
+                                            changed_at_s=now_s, before=before)))
 
 
 def _inconclusive(pending: Pending, now_s: float, because: str) -> Outcome:

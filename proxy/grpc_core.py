@@ -59,7 +59,7 @@ import hpack
 from tritonpilot.proxy import wire
 from tritonpilot.proxy.ledger import Ledger, Ticket
 from tritonpilot.proxy.limits import FrameRate, Http2Limits, Http2Refusal
-from tritonpilot.proxy.restrict import Door
+from tritonpilot.proxy.restrict import MODEL_CONTROL_REFUSAL, Door
 from tritonpilot.proxy.shedding import InflightCaps, refusal_message
 from tritonpilot.proxy.stats import UNKNOWN_MODEL
 from tritonpilot.proxy.wire import (
@@ -101,10 +101,6 @@ _DEADLINE_SLACK_S = 0.05
 _DEADLINE_SLACK_RATIO = 0.01
 
 CLIENT_TO_TRITON, TRITON_TO_CLIENT = "client->triton", "triton->client"
-
-MODEL_CONTROL_REFUSAL = ("tritonpilot: model control is reserved for the tritonpilot controller, which owns "
-                         "the model lifecycle; start the sidecar with --allow-client-model-control to let "
-                         "clients load and unload models")
 
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:

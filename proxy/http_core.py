@@ -61,7 +61,7 @@ from typing import NamedTuple
 import httptools
 
 from tritonpilot.proxy.ledger import HTTP_TOO_MANY_REQUESTS, Ledger, Ticket
-from tritonpilot.proxy.restrict import Restriction
+from tritonpilot.proxy.restrict import MODEL_CONTROL_REFUSAL, Restriction
 from tritonpilot.proxy.shedding import InflightCaps, refusal_message
 from tritonpilot.proxy.stats import HTTP_CLIENT_CLOSED, HTTP_UPSTREAM_FAILED
 
@@ -86,10 +86,6 @@ _REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 413: "Payloa
 
 # Triton unreachable: what it answers and counts (the HTTP status of gRPC's UNAVAILABLE).
 HTTP_UNAVAILABLE = 503
-
-MODEL_CONTROL_REFUSAL = ("tritonpilot: model control is reserved for the tritonpilot controller, which owns "
-                         "the model lifecycle; start the sidecar with --allow-client-model-control to let "
-                         "clients load and unload models")
 
 
 @functools.lru_cache(maxsize=256)  # pure; clients repeat a few paths (bounded: paths come from them)

@@ -261,8 +261,6 @@ class _UpstreamProtocol(asyncio.Protocol):
         self.pair.client.resume_reading()
 
 
-
-
 class Relay:
     """The listening side: accepts client connections and pairs each with Triton."""
 

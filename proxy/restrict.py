@@ -24,6 +24,12 @@ from tritonpilot.proxy.wire import HEALTH_CHECK, SERVICE
 
 HEADER_PREFIX = "triton-grpc-protocol-"
 
+# Client model control (RepositoryModelLoad/Unload, POST .../load|unload) is refused at the door on
+# both ports unless allowed: what the client is told.
+MODEL_CONTROL_REFUSAL = ("tritonpilot: model control is reserved for the tritonpilot controller, which owns "
+                         "the model lifecycle; start the sidecar with --allow-client-model-control to let "
+                         "clients load and unload models")
+
 
 def _rpcs(*names: str) -> tuple[bytes, ...]:
     return tuple(SERVICE + name.encode() for name in names)

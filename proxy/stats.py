@@ -129,17 +129,6 @@ class _Load:
         self.seconds += self.inflight * (now_s - self.last_change_s)
         self.last_change_s = now_s
 
-    def up(self, now_s: float) -> None:
-        self.advance(now_s)
-        self.inflight += 1
-        if self.inflight > self.peak:
-            self.peak = self.inflight
-
-    def down(self, now_s: float) -> None:
-        self.advance(now_s)
-        if self.inflight > 0:
-            self.inflight -= 1
-
 
 class ModelStats:
     """Live counters of one model by one protocol. Mutated only from the event-loop thread."""
@@ -163,9 +152,9 @@ class ModelStats:
         """The model's requests in flight by every protocol: what a cap (shedding.py) compares."""
         return self.load.inflight
 
-    # begin and end run _Load.up / down inline, the same arithmetic in the same order: the
-    # four method calls each (up/down, each calling advance) cost 6-16% of the gRPC core's
-    # time per request (docs/relay-cost.md).
+    # begin and end do the _Load arithmetic inline (advance, then +1 with the peak / -1 never
+    # below 0) for the model's and the protocol's load: as method calls it cost 6-16% of the
+    # gRPC core's time per request (docs/relay-cost.md).
     def begin(self, now_s: float) -> None:
         load = self.load
         load.seconds += load.inflight * (now_s - load.last_change_s)

@@ -95,7 +95,7 @@ def open_connections(sidecar) -> float:
 
 def pair_ids(sidecar) -> set[int]:
     async def ids() -> set[int]:
-        return {id(p) for p in sidecar.sidecar.relay.pairs}
+        return {id(p) for p in sidecar.sidecar.relays.relay.pairs}
     return sidecar.call(ids())
 
 

@@ -27,19 +27,15 @@ from tritonpilot import exits
 from tritonpilot.logs import configure_logging
 from tritonpilot.proxy.gpu import GpuSampler, NullGpuSampler, TritonMetricsGpuSource, make_gpu_sampler
 from tritonpilot.proxy.http import MetricsServer
-from tritonpilot.proxy.http_relay import HttpRelay
 from tritonpilot.proxy.limits import ConnectionsSnapshot
 from tritonpilot.proxy.metrics import ConnectionCollector, ProxyCollector, new_registry
-from tritonpilot.proxy.relay import Relay
 from tritonpilot.proxy.restrict import SYNTAX, RestrictionError, groups_text, parse_restrictions
 from tritonpilot.proxy.stats import ProxyStats, StatsSource
-from tritonpilot.proxy.tls import ServerTls, TlsError, server_context, upstream_context
-from tritonpilot.sidecar.config import (  # noqa: F401  (connection_limits, http2_limits: serve's names before)
+from tritonpilot.proxy.tls import TlsError, server_context, upstream_context
+from tritonpilot.sidecar.config import (
     HTTP_OFF,
     ControllerFactory,
     SidecarConfig,
-    connection_limits,
-    http2_limits,
     parse_host_port,
     tls_files,
 )
@@ -66,19 +62,13 @@ class Sidecar:
         self.pool: WorkerPool | None = None
         self.relays: RelaySet | None = None
         self.stats: StatsSource
-        self.tls: ServerTls | None = None
-        self.http_tls: ServerTls | None = None
-        self.relay: Relay | None = None
-        self.http_relay: HttpRelay | None = None
         connections: Callable[[], ConnectionsSnapshot]
         if config.workers > 1 and config.proxy_enabled:
-            self.pool = WorkerPool(config, config.workers)
+            self.pool = WorkerPool(config)
             self.stats, connections = self.pool.reader, self.pool.connections
         else:
             self.stats = local_stats = ProxyStats()
             self.relays = relays = RelaySet(config, local_stats)
-            self.tls, self.relay = relays.tls, relays.relay
-            self.http_tls, self.http_relay = relays.http_tls, relays.http_relay
             connections = relays.connections
         self.gpu: GpuSampler = make_gpu_sampler(config.gpu_interval_s, log)
         if isinstance(self.gpu, NullGpuSampler) and config.triton_metrics_url:

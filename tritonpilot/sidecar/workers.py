@@ -84,34 +84,30 @@ class RelaySet:
         # Raises TlsError (naming the option) for files that can't be used: run() checks first.
         self.tls = ServerTls(tls_files(config)) if config.tls_cert else None
         upstream_ssl = upstream_context(config.triton_tls_ca) if config.triton_tls_ca else None
-        self.relay = Relay(RelayOptions(
-            upstream_host=host, upstream_port=port,
+        # What both relays take alike: the front door's rules and the connection settings.
+        common: dict[str, Any] = dict(
             allow_client_model_control=config.allow_client_model_control,
             max_message_bytes=config.max_message_bytes,
             connect_timeout_s=config.connect_timeout_s,
             tcp_keepalive_s=config.tcp_keepalive_s,
             limits=connection_limits(config),
+            max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight)))
+        self.relay = Relay(RelayOptions(
+            upstream_host=host, upstream_port=port, **common,
             http2=http2_limits(config),
             server_ssl=self.tls.listener if self.tls else None,
             upstream_ssl=upstream_ssl,
-            restricted_protocols=parse_restrictions(config.restricted_protocols),
-            max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight))), stats)
+            restricted_protocols=parse_restrictions(config.restricted_protocols)), stats)
         # The HTTP/REST port: the same front door, its own listener and connection guard.
         self.http_tls = ServerTls(tls_files(config), alpn=(ALPN_HTTP1,)) if config.tls_cert else None
         self.http_relay: HttpRelay | None = None
         if config.proxy_enabled and config.http_listen != HTTP_OFF:
             hhost, hport = parse_host_port(config.triton_http, "--triton-http")
             self.http_relay = HttpRelay(HttpRelayOptions(
-                upstream_host=hhost, upstream_port=hport,
-                allow_client_model_control=config.allow_client_model_control,
-                max_message_bytes=config.max_message_bytes,
-                connect_timeout_s=config.connect_timeout_s,
-                tcp_keepalive_s=config.tcp_keepalive_s,
-                limits=connection_limits(config),
+                upstream_host=hhost, upstream_port=hport, **common,
                 max_head_bytes=config.max_header_block_bytes or (1 << 30),
                 server_ssl=self.http_tls.listener if self.http_tls else None,
-                restricted_apis=parse_restrictions(config.http_restricted_apis),
-                max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight))), stats)
+                restricted_apis=parse_restrictions(config.http_restricted_apis)), stats)
 
     def connections(self) -> ConnectionsSnapshot:
         guards = [self.relay.guard] + ([self.http_relay.guard] if self.http_relay else [])
@@ -119,16 +115,12 @@ class RelaySet:
 
     def reconfigure(self, config: SidecarConfig) -> None:
         """A reloaded policy's live settings (open connections take them too)."""
-        caps = InflightCaps(config.max_inflight, dict(config.model_max_inflight))
-        self.relay.reconfigure(allow_client_model_control=config.allow_client_model_control,
-                               max_message_bytes=config.max_message_bytes,
-                               restricted_protocols=parse_restrictions(config.restricted_protocols),
-                               max_inflight=caps)
+        live: dict[str, Any] = dict(allow_client_model_control=config.allow_client_model_control,
+                                    max_message_bytes=config.max_message_bytes,
+                                    max_inflight=InflightCaps(config.max_inflight, dict(config.model_max_inflight)))
+        self.relay.reconfigure(**live, restricted_protocols=parse_restrictions(config.restricted_protocols))
         if self.http_relay is not None:
-            self.http_relay.reconfigure(allow_client_model_control=config.allow_client_model_control,
-                                        max_message_bytes=config.max_message_bytes,
-                                        restricted_apis=parse_restrictions(config.http_restricted_apis),
-                                        max_inflight=caps)
+            self.http_relay.reconfigure(**live, restricted_apis=parse_restrictions(config.http_restricted_apis))
 
     def reload_tls(self) -> None:
         """Raises TlsError, leaving the previous certificate in place."""
@@ -256,11 +248,11 @@ class _Worker:
 class WorkerPool:
     """The parent's side: spawns, watches, restarts, reconfigures and stops the workers."""
 
-    def __init__(self, config: SidecarConfig, count: int) -> None:
+    def __init__(self, config: SidecarConfig) -> None:
         import multiprocessing
 
         self.config = config
-        self.count = count
+        count = self.count = config.workers
         self.table = SharedStatsTable.create(rows=count)
         self.reader = SharedStatsReader(self.table)
         self._context = multiprocessing.get_context("spawn")

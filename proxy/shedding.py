@@ -12,7 +12,12 @@ window back) and answered on the stream with an error response carrying the same
 as Triton reports a failed request there. So that a message can be cut out, the stream's
 request DATA frames are taken whole and rewritten while a cap is set (grpc_core.py); with no
 cap they pass verbatim. The answer goes out once Triton's response has started (its headers:
-Triton sends them with its first response) or when Triton ends the stream.
+Triton sends them with its first response) or when Triton ends the stream. A stream on which
+Triton holds no request and has not started a response ends at once with RESOURCE_EXHAUSTED
+instead: there, headers for an answer to follow might never come.
+
+On the HTTP port the same caps answer 429 (http_core.py); both protocols' requests of a
+model count toward its one cap.
 """
 
 from __future__ import annotations
